@@ -1,0 +1,8 @@
+"""normbench: compare normalization layers across batch sizes, with error bars."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("normbench")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,94 @@
+"""Rich output for the terminal: the epoch progress bar and the final metrics table.
+
+One Console is shared by everything that prints, so progress bars and messages do not tear.
+Off a terminal (CI, pipes, log files) progress becomes one plain line per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from normbench.train import EpochRecord, Progress
+
+console = Console(highlight=False)
+
+
+class EpochProgress(Progress):
+    """A Rich bar per epoch with the running loss and samples/s; plain lines when not on a terminal."""
+
+    def __init__(self, epochs: int, batch_size: int, label: str = "", out: Console = console):
+        self.epochs, self.batch_size, self.label, self.out = epochs, batch_size, label, out
+        self.live = out.is_terminal
+        self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("loss {task.fields[loss]}  {task.fields[speed]}"), TimeRemainingColumn(),
+                           console=out, transient=True) if self.live else None
+        self.task = None
+
+    def __enter__(self) -> EpochProgress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        if self.bar:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"{self.label}epoch {epoch}/{self.epochs}", total=steps,
+                                          loss="-", speed="")
+        self._clock = None
+
+    def update(self, steps_done: int, loss: float) -> None:
+        if self.bar and self.task is not None:
+            elapsed = self.bar.tasks[-1].elapsed or 0.0
+            speed = f"{steps_done * self.batch_size / elapsed:,.0f} samples/s" if elapsed else ""
+            self.bar.update(self.task, completed=steps_done, loss=f"{loss:.4f}", speed=speed)
+
+    def epoch_end(self, r: EpochRecord) -> None:
+        line = (f"{self.label}epoch {r.epoch}/{self.epochs}  train_loss {r.train_loss:.4f}  "
+                f"train_acc {r.train_acc:.2f}%  test_acc {r.test_acc:.2f}%")
+        if not math.isnan(r.test_acc_batch_stats):
+            line += f"  (batch stats {r.test_acc_batch_stats:.2f}%"
+            line += f", precise {r.test_acc_precise:.2f}%)" if not math.isnan(r.test_acc_precise) else ")"
+        self.out.print(line + f"  {r.samples_per_s:,.0f} samples/s  {r.seconds:.1f}s")
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def summary_table(summary: dict) -> Table:
+    """The final metrics of one run."""
+    final = summary.get("final") or {}
+    cfg = summary["config"]
+    title = (f"{cfg['model']['name']} / {cfg['norm']['name']} / {cfg['data']['name']}, "
+             f"batch {cfg['batch_size']}, seed {cfg['seed']}: {summary['status']}")
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("test accuracy (eval mode)", _fmt(final.get("test_acc"), "%")),
+        ("test accuracy, batch statistics", _fmt(final.get("test_acc_batch_stats"), "%")),
+        ("test accuracy, recomputed statistics", _fmt(final.get("test_acc_precise"), "%")),
+        ("test loss", _fmt(final.get("test_loss"))),
+        ("train loss", _fmt(final.get("train_loss"))),
+        ("train accuracy", _fmt(final.get("train_acc"), "%")),
+        ("epochs / steps", f"{summary['epochs_completed']} / {summary['steps']}"),
+        ("effective lr", f"{summary['effective_lr']:.4g}"),
+        ("parameters", f"{summary['num_parameters']:,}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s on {summary['device']}"),
+    ]
+    if summary.get("diverged_step"):
+        rows.append(("diverged at step", str(summary["diverged_step"])))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints them as one red line, without a traceback."""
+
+
+class UserError(Exception):
+    """A bad config value, an incompatible choice, missing data: something the user can fix."""
+
+
+class DataError(UserError):
+    """Dataset files are missing, corrupt, or could not be downloaded."""

@@ -1,0 +1,121 @@
+"""All file I/O of run results: run folders, atomic writes, reading them back.
+
+A run folder ``<results_dir>/<experiment>/<run_id>/`` holds:
+
+* ``config.yaml``: the resolved config;
+* ``metrics.csv``: one row per epoch (columns: `METRIC_COLUMNS`);
+* ``summary.json``: status (running / completed / diverged / failed), final metrics,
+  timing, versions, git sha and config hash.
+
+Every file is written to a temporary file in the same folder, flushed and renamed
+over the target, so a reader sees the old file or the new one, never half of one.
+``summary.json`` says ``completed`` only after everything else is on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from normbench.config import Config, run_id, to_dict
+from normbench.errors import UserError
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                  "test_acc_batch_stats", "test_acc_precise", "seconds", "samples_per_s"]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temp file and a rename: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def experiment_dir(cfg: Config) -> Path:
+    """<results_dir>/<name>; the name cannot climb out of the results dir."""
+    if not NAME_PATTERN.match(cfg.name):
+        raise UserError(f"name {cfg.name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
+    return Path(cfg.results_dir).expanduser() / cfg.name
+
+
+def run_dir(cfg: Config) -> Path:
+    return experiment_dir(cfg) / run_id(cfg)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before training, not after, when results cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"cannot write results to {path}: {e.strerror or e}") from e
+
+
+def write_config(folder: Path, cfg: Config) -> None:
+    atomic_write(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_metrics(folder: Path, records: list) -> None:
+    frame = pd.DataFrame([dataclasses.asdict(r) for r in records], columns=METRIC_COLUMNS)
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    atomic_write(folder / "metrics.csv", buffer.getvalue())
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    atomic_write(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+
+
+def read_summary(folder: Path) -> dict | None:
+    """The run's summary, or None when it is missing or unreadable."""
+    try:
+        return json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "metrics.csv")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    from normbench import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "normbench": __version__}
+
+
+@functools.cache
+def git_sha() -> str | None:
+    """The commit of the normbench source, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

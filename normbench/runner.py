@@ -1,0 +1,120 @@
+"""One run, end to end: config -> data -> model -> fit -> run folder.
+
+Everything that can be refused (data, model/norm pairs, group counts, a results
+dir that cannot be written) is checked before the run folder is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from normbench import results
+from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
+from normbench.data import load_data
+from normbench.errors import UserError
+from normbench.models import build_model, count_parameters
+from normbench.norms import NormFactory, NormOptions
+from normbench.train import EpochRecord, FitResult, Progress, fit, resolve_device
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    summary: dict
+
+
+def norm_factory(cfg: Config) -> NormFactory:
+    """The norm config as the factory that models receive."""
+    known = {f.name for f in dataclasses.fields(NormOptions)}
+    options = NormOptions(**{k: v for k, v in vars(cfg.norm).items() if k in known})
+    return NormFactory(cfg.norm.name, options, cfg.norm.position)
+
+
+class _SaveEachEpoch(Progress):
+    """Passes progress on and rewrites metrics.csv after every epoch, so a long run shows its curve."""
+
+    def __init__(self, inner: Progress, folder: Path):
+        self.inner, self.folder, self.records = inner, folder, []
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        self.inner.epoch_start(epoch, steps)
+
+    def update(self, steps_done: int, loss: float) -> None:
+        self.inner.update(steps_done, loss)
+
+    def epoch_end(self, record: EpochRecord) -> None:
+        self.records.append(record)
+        results.write_metrics(self.folder, self.records)
+        self.inner.epoch_end(record)
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: float, params: int,
+              device: torch.device, started: str, error: str | None = None, tb: str | None = None) -> dict:
+    records = fitted.records if fitted else []
+    done = [r for r in records if not math.isnan(r.test_acc)]
+    final = {k: _finite(v) for k, v in asdict(done[-1]).items()} if done else None
+    steps_per_epoch = fitted.steps_per_epoch if fitted else None
+    return {
+        "run_id": run_id(cfg), "config_hash": config_hash(cfg), "status": status, "error": error, "traceback": tb,
+        "diverged_step": fitted.diverged_step if fitted else None,
+        "epochs": cfg.epochs, "epochs_completed": len(done), "steps_per_epoch": steps_per_epoch,
+        "steps": done[-1].step if done else 0, "effective_lr": effective_lr(cfg),
+        "final": final, "best_test_acc": max((r.test_acc for r in done), default=None),
+        "wall_seconds": round(seconds, 3), "num_parameters": params, "device": str(device),
+        **(_peak_memory_mb(device)), "versions": results.versions(), "git_sha": results.git_sha(),
+        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if status != "running" else None,
+        "config": to_dict(cfg),
+    }
+
+
+def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
+    """Run one config and write its folder. User errors are raised before anything is written."""
+    folder = results.run_dir(cfg)
+    results.check_writable(folder.parent)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, device)
+    if len(data.train_y) < cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train_y)} samples)")
+    model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
+    params = count_parameters(model)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results.write_config(folder, cfg)
+    results.write_summary(folder, summarize(cfg, None, "running", seconds=0, params=params, device=device,
+                                            started=started))
+    t0 = time.perf_counter()
+    fitted = None
+    try:
+        fitted = fit(cfg, model, data, _SaveEachEpoch(progress or Progress(), folder))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        results.write_summary(folder, summarize(cfg, fitted, "failed", seconds=time.perf_counter() - t0,
+                                                params=params, device=device, started=started,
+                                                error=error, tb=traceback.format_exc(limit=8)))
+        raise
+    results.write_metrics(folder, fitted.records)
+    summary = summarize(cfg, fitted, fitted.status, seconds=time.perf_counter() - t0, params=params,
+                        device=device, started=started)
+    results.write_summary(folder, summary)
+    return RunResult(folder, summary)
