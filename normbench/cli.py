@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from normbench import __version__
+from normbench import __version__, results
 from normbench.config import GROUPS, compose, run_id, to_dict
 from normbench.display import EpochProgress, console, summary_table
 from normbench.errors import UserError
@@ -105,6 +105,97 @@ def list_choices(config_dir: ConfigDir = None) -> None:
             table.add_row(name, description)
         console.print(table)
         console.print()
+
+
+def _print_plan(planned) -> None:
+    table = Table(title="runs", header_style="bold")
+    for col in ("#", "overrides", "run id", "state"):
+        table.add_column(col)
+    shared = set.intersection(*(set(p.overrides) for p in planned)) if planned else set()
+    for i, p in enumerate(planned):
+        state = f"[red]invalid: {escape(p.error)}[/red]" if p.state == "invalid" else p.state
+        varying = " ".join(o for o in p.overrides if o not in shared) or p.label
+        table.add_row(str(i), escape(varying), run_id(p.cfg) if p.cfg else "-", state)
+    console.print(table)
+
+
+def _counts(planned, retry_failed: bool) -> str:
+    from normbench.sweep import should_train
+
+    states = [p.state for p in planned]
+    todo = sum(1 for p in planned if p.state != "invalid" and should_train(p.state, retry_failed))
+    return (f"{len(planned)} runs: {todo} to train, {states.count('completed') + states.count('diverged')} already "
+            f"done, {states.count('failed')} failed, {states.count('invalid')} invalid")
+
+
+@app.command()
+def sweep(
+    overrides: Overrides = None,
+    config_dir: ConfigDir = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine (joblib).")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
+) -> None:
+    """Run a sweep (Hydra syntax: norm=bn,ln,gn batch_size=2,4,8 seed=range(3)), then build its report.
+
+    Finished runs are skipped, so running the same command again resumes an interrupted sweep.
+    """
+    from normbench import report
+    from normbench import sweep as sweeps
+    from normbench.display import SweepDisplay
+
+    with user_errors():
+        if dry_run:
+            planned = sweeps.plan(overrides or [], config_dir)
+            _print_plan(planned)
+            console.print(_counts(planned, retry_failed))
+            raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
+        with SweepDisplay() as display:
+            outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
+        command = "normbench sweep " + " ".join(overrides or []) + (f" --jobs {jobs}" if jobs > 1 else "")
+        for experiment in outcome.experiment_dirs:
+            results.record_sweep(experiment, {
+                "command": command.strip(), "seconds": round(outcome.seconds, 1), "trained": outcome.trained,
+                "skipped": len(outcome.outcomes) - outcome.trained, "failed": len(outcome.failures)})
+            rep = report.build(experiment)
+            path = report.write(rep)
+            console.print(report.rich_pivot(rep))
+            for panel, sentences in rep.verdict.items():
+                console.print(f"[bold]{escape(panel)}[/bold]")
+                for sentence in sentences:
+                    console.print(f"  {escape(sentence)}")
+            console.print(f"report: {path}")
+    console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
+                  + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
+    if outcome.failures:
+        console.print(f"[red]{len(outcome.failures)} runs failed:[/red]")
+        for what, why in outcome.failures:
+            console.print(f"  {escape(what)}: {escape(str(why))}")
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def make_report(
+    folder: Annotated[Path, typer.Argument(help="An experiment folder (results/NAME), or a results folder.")],
+) -> None:
+    """Rebuild tables, figures and report.md from the run folders alone."""
+    from normbench import report
+
+    with user_errors():
+        experiments = [folder] if _has_runs(folder) else sorted(p for p in folder.glob("*") if _has_runs(p))
+        if not experiments:
+            raise UserError(f"no run folders under {folder}")
+        for experiment in experiments:
+            rep = report.build(experiment)
+            for warning in rep.warnings:
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+            path = report.write(rep)
+            console.print(report.rich_pivot(rep))
+            console.print(f"report: {path}")
+
+
+def _has_runs(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_dir() and (p / "config.yaml").exists() for p in folder.iterdir())
 
 
 def main() -> None:

@@ -210,12 +210,7 @@ register_schemas()
 
 def compose(overrides: list[str] = (), config_dir: str | None = None) -> Config:
     """Compose the packaged config (plus an optional user config dir) with overrides, typed and validated."""
-    overrides = list(overrides)
-    if config_dir:
-        path = Path(config_dir).expanduser().resolve()
-        if not path.is_dir():
-            raise UserError(f"--config-dir {config_dir}: no such directory")
-        overrides.append(f"hydra.searchpath=[file://{path}]")
+    overrides = list(overrides) + search_path_overrides(config_dir)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -225,6 +220,16 @@ def compose(overrides: list[str] = (), config_dir: str | None = None) -> Config:
         raise UserError(clean_hydra_error(e)) from e
     finally:
         GlobalHydra.instance().clear()
+
+
+def search_path_overrides(config_dir: str | Path | None) -> list[str]:
+    """The override that puts a user's config folder on Hydra's search path, before the packaged one."""
+    if not config_dir:
+        return []
+    path = Path(config_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"--config-dir {config_dir}: no such directory")
+    return [f"hydra.searchpath=[file://{path}]"]
 
 
 def to_config(cfg) -> Config:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from normbench.config import run_id
 from normbench.train import EpochRecord, Progress
 
 console = Console(highlight=False)
@@ -92,3 +93,51 @@ def summary_table(summary: dict) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+class SweepDisplay(EpochProgress):
+    """Overall sweep progress (runs done / total, failures, ETA) above the current run's epoch bar.
+
+    The overall count is read from the run folders, so it is right whichever process trains the runs;
+    the epoch bar is drawn only for runs trained in this process.
+    """
+
+    def __init__(self, out: Console = console):
+        super().__init__(epochs=0, batch_size=1, out=out)
+        self.overall = None
+        self.reported: set[str] = set()
+        self.total = 0
+
+    def start_sweep(self, planned, retry_failed: bool) -> None:
+        from normbench.sweep import should_train
+
+        valid = [p for p in planned if p.cfg is not None]
+        self.total = len(valid)
+        already = [p for p in valid if not should_train(p.state, retry_failed)]
+        self.reported = {run_id(p.cfg) for p in already}
+        self.failed = 0
+        if self.bar:
+            self.overall = self.bar.add_task("sweep", total=self.total, loss="", speed="")
+            self.bar.update(self.overall, completed=len(already))
+        else:
+            self.out.print(f"sweep: {self.total} runs, {len(already)} already done")
+
+    def runs_changed(self, status: dict[str, dict | None]) -> None:
+        for rid, summary in sorted(status.items()):
+            state = (summary or {}).get("status")
+            if rid in self.reported or state not in ("completed", "diverged", "failed"):
+                continue
+            self.reported.add(rid)
+            self.failed += state == "failed"
+            acc = ((summary.get("final") or {}).get("test_acc"))
+            note = f"test_acc {acc:.2f}%" if acc is not None else (summary.get("error") or "")
+            if self.bar:
+                self.bar.update(self.overall, completed=len(self.reported),
+                                loss=f"{self.failed} failed" if self.failed else "", speed="")
+            self.out.print(f"[{len(self.reported)}/{self.total}] {rid}: {state} {note}")
+
+    def run_start(self, name: str, epochs: int, batch_size: int) -> None:
+        self.epochs, self.batch_size, self.label = epochs, batch_size, f"{name} "
+
+    def epoch_end(self, record: EpochRecord) -> None:
+        pass  # a sweep prints one line per finished run (runs_changed), not one per epoch

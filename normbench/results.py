@@ -119,3 +119,72 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+REQUIRED_SUMMARY_KEYS = ("run_id", "status", "config_hash", "config")
+
+
+def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
+    """Read every run folder of an experiment: (summaries, metrics per run id, warnings).
+
+    Runs still going or interrupted (status running) are left out. A folder whose
+    files are missing, unreadable or inconsistent is skipped with a warning naming it.
+    """
+    summaries, curves, warnings = [], {}, []
+    for folder in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        summary = read_summary(folder)
+        if summary is None:
+            if (folder / "config.yaml").exists():
+                continue  # started, never wrote a summary: not a result
+            warnings.append(f"skipped {folder}: no readable summary.json")
+            continue
+        missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]
+        if missing or not isinstance(summary.get("config"), dict):
+            warnings.append(f"skipped {folder}: summary.json lacks {', '.join(missing) or 'config'}")
+            continue
+        if summary["status"] not in ("completed", "diverged", "failed"):
+            continue
+        if summary["run_id"] != folder.name:
+            warnings.append(f"skipped {folder}: summary.json belongs to run {summary['run_id']}")
+            continue
+        try:
+            metrics = read_metrics(folder) if summary["status"] != "failed" else pd.DataFrame(columns=METRIC_COLUMNS)
+        except (OSError, ValueError) as e:
+            warnings.append(f"skipped {folder}: metrics.csv unreadable ({e})")
+            continue
+        if list(metrics.columns) != METRIC_COLUMNS:
+            warnings.append(f"skipped {folder}: metrics.csv has columns {list(metrics.columns)}")
+            continue
+        summaries.append(summary)
+        curves[summary["run_id"]] = metrics
+    return summaries, curves, warnings
+
+
+def write_table(path: Path, frame: pd.DataFrame, index: bool = False) -> None:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=index)
+    atomic_write(path, buffer.getvalue())
+
+
+def write_figure(path_stem: Path, figure) -> list[Path]:
+    """Save a matplotlib figure as PNG and SVG, atomically; returns the paths."""
+    paths = []
+    for ext in ("png", "svg"):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=ext, dpi=120, bbox_inches="tight")
+        path = path_stem.with_suffix(f".{ext}")
+        atomic_write(path, buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def read_sweeps(experiment: Path) -> list[dict]:
+    try:
+        return json.loads((experiment / "sweeps.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def record_sweep(experiment: Path, entry: dict) -> None:
+    """Append one sweep invocation (command, timing, counts) to <experiment>/sweeps.json."""
+    atomic_write(experiment / "sweeps.json", json.dumps(read_sweeps(experiment) + [entry], indent=2) + "\n")

@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from normbench import results
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
-from normbench.data import load_data
+from normbench.data import Data, load_data
 from normbench.errors import UserError
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormFactory, NormOptions
@@ -44,6 +45,9 @@ class _SaveEachEpoch(Progress):
 
     def __init__(self, inner: Progress, folder: Path):
         self.inner, self.folder, self.records = inner, folder, []
+
+    def run_start(self, name: str, epochs: int, batch_size: int) -> None:
+        self.inner.run_start(name, epochs, batch_size)
 
     def epoch_start(self, epoch: int, steps: int) -> None:
         self.inner.epoch_start(epoch, steps)
@@ -88,25 +92,33 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
     }
 
 
-def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
-    """Run one config and write its folder. User errors are raised before anything is written."""
-    folder = results.run_dir(cfg)
-    results.check_writable(folder.parent)
-    device = resolve_device(cfg.device)
+def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
+    """Load the data and build the model: every check that can refuse a config, before anything is written."""
+    results.check_writable(results.experiment_dir(cfg))
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     if len(data.train_y) < cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train_y)} samples)")
     model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
+    return data, model
+
+
+def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
+    """Run one config and write its folder. User errors are raised before anything is written."""
+    folder = results.run_dir(cfg)
+    device = resolve_device(cfg.device)
+    data, model = prepare(cfg, device)
     params = count_parameters(model)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results.write_config(folder, cfg)
     results.write_summary(folder, summarize(cfg, None, "running", seconds=0, params=params, device=device,
                                             started=started))
+    progress = progress or Progress()
+    progress.run_start(folder.name, cfg.epochs, cfg.batch_size)
     t0 = time.perf_counter()
     fitted = None
     try:
-        fitted = fit(cfg, model, data, _SaveEachEpoch(progress or Progress(), folder))
+        fitted = fit(cfg, model, data, _SaveEachEpoch(progress, folder))
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         results.write_summary(folder, summarize(cfg, fitted, "failed", seconds=time.perf_counter() - t0,

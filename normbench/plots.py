@@ -1,0 +1,112 @@
+"""Figures from the analysis tables (matplotlib, no I/O: callers save them)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PANEL_KEYS = ("data", "model")
+
+
+def _panels(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    keys = [k for k in summary.columns if k in PANEL_KEYS or k.startswith("config.")]
+    out = []
+    for key, g in summary.groupby(keys, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        title = " / ".join(str(v) for k, v in zip(keys, key) if not k.startswith("config."))
+        title += "".join(f", {k.split('.', 1)[1]}={v}" for k, v in zip(keys, key) if k.startswith("config."))
+        out.append((title, g))
+    return out
+
+
+def _grid(n: int, width: float = 5.0, height: float = 3.6):
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _batch_axis(ax, sizes) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(sizes))
+    ax.set_xticklabels([str(int(s)) for s in sorted(sizes)])
+    ax.set_xlabel("batch size (log2 scale)")
+    ax.grid(True, alpha=0.3)
+
+
+def _line(ax, x, mean, half, label) -> None:
+    ax.plot(x, mean, marker="o", label=label)
+    mean = np.asarray(mean, dtype=float)
+    half = np.nan_to_num(np.asarray(half, dtype=float))
+    ax.fill_between(x, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100), alpha=0.2)  # accuracy bounds
+
+
+def accuracy_vs_batch(summary: pd.DataFrame, title: str):
+    """Test accuracy vs batch size, one line per norm with its 95% interval, one panel per data/model."""
+    panels = _panels(summary)
+    fig, axes = _grid(len(panels))
+    for ax, (name, g) in zip(axes, panels):
+        for norm, n in g.groupby("norm"):
+            n = n.sort_values("batch_size")
+            _line(ax, n.batch_size, n.test_acc_mean, n.test_acc_ci95, norm)
+        _batch_axis(ax, g.batch_size.unique())
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(name)
+        ax.legend(title="norm", fontsize=8)
+    fig.suptitle(f"{title}: test accuracy vs batch size (mean and 95% interval over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def bn_eval_modes(summary: pd.DataFrame, title: str):
+    """BN's three evaluations vs batch size: running averages, batch statistics, recomputed statistics."""
+    bn = summary[summary.norm.astype(str).str.startswith("bn") & summary.test_acc_precise_mean.notna()]
+    if bn.empty:
+        return None
+    panels = [(f"{name} / {norm}", n) for name, g in _panels(bn) for norm, n in g.groupby("norm")]
+    fig, axes = _grid(len(panels))
+    modes = [("test_acc", "running averages (eval mode)"), ("test_acc_batch_stats", "the batch's own statistics"),
+             ("test_acc_precise", "recomputed population statistics")]
+    for ax, (name, g) in zip(axes, panels):
+        g = g.sort_values("batch_size")
+        for column, label in modes:
+            _line(ax, g.batch_size, g[f"{column}_mean"], g[f"{column}_ci95"], label)
+        _batch_axis(ax, g.batch_size.unique())
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(name)
+        ax.legend(title="BN evaluated with", fontsize=8)
+    fig.suptitle(f"{title}: batch norm evaluated three ways")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], title: str):
+    """Train loss per epoch (mean over seeds), one line per batch size, one panel per data/model/norm."""
+    done = runs[runs.status == "completed"]
+    if done.empty:
+        return None
+    keys = ["data", "model", "norm"]
+    panels = list(done.groupby(keys))
+    fig, axes = _grid(len(panels), width=4.2, height=3.0)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, done.batch_size.nunique()))
+    color_of = dict(zip(sorted(done.batch_size.unique()), colors))
+    for ax, (key, g) in zip(axes, panels):
+        for batch, b in g.groupby("batch_size"):
+            frames = [curves[r][["epoch", "train_loss"]] for r in b.run_id if r in curves]
+            mean = pd.concat(frames).groupby("epoch").train_loss.mean()
+            ax.plot(mean.index, mean.values, marker=".", color=color_of[batch], label=f"B={batch}")
+        ax.set_title(" / ".join(map(str, key)), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{title}: training loss by batch size (mean over seeds)")
+    fig.tight_layout()
+    return fig
