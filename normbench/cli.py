@@ -89,8 +89,9 @@ def _choices(group: str, config_dir: Path | None) -> dict[str, str]:
             continue
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
             if entry.name.endswith(".yaml"):
-                first = entry.read_text().splitlines()[:1]
-                found[entry.name[:-5]] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+                comments = [ln.lstrip("# ").strip() for ln in entry.read_text().splitlines()
+                            if ln.startswith("#") and "@package" not in ln]
+                found[entry.name[:-5]] = comments[0] if comments else ""
     return found
 
 
