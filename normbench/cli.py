@@ -37,7 +37,7 @@ def user_errors():
     except UserError as e:
         if os.environ.get("NORMBENCH_DEBUG") == "1":
             raise
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
@@ -75,7 +75,10 @@ def show_config(overrides: Overrides = None, config_dir: ConfigDir = None) -> No
     with user_errors():
         cfg = compose(overrides or [], config_dir)
     text = f"# run_id: {run_id(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    console.print(Syntax(text, "yaml") if console.is_terminal else text, end="")
+    if console.is_terminal:
+        console.print(Syntax(text, "yaml"))
+    else:
+        typer.echo(text, nl=False)  # plain: no markup, no wrapping, valid YAML
 
 
 def _choices(group: str, config_dir: Path | None) -> dict[str, str]:
@@ -171,7 +174,7 @@ def sweep(
     if outcome.failures:
         console.print(f"[red]{len(outcome.failures)} runs failed:[/red]")
         for what, why in outcome.failures:
-            console.print(f"  {escape(what)}: {escape(str(why))}")
+            console.print(f"  {escape(what)}: {escape(str(why))}", soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -189,7 +192,7 @@ def make_report(
         for experiment in experiments:
             rep = report.build(experiment)
             for warning in rep.warnings:
-                console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
             path = report.write(rep)
             console.print(report.rich_pivot(rep))
             console.print(f"report: {path}")

@@ -225,12 +225,43 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_norms(model: nn.Module) -> None:
-    """Check every GroupNorm of a built model before training, naming the layers that cannot work.
+def validate_norms(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Check every norm of a built model before training, naming the layers that cannot work.
 
-    GroupNorm needs C divisible by G, and a flat or recurrent group of one value
-    would normalize to zero. The error lists the group counts valid for every layer.
+    GroupNorm needs C divisible by G; a group or instance of one value would normalize
+    to zero. The error lists the group counts valid for every layer.
     """
+    _check_group_counts(model)
+    _check_single_values(model, input_shape)
+
+
+def _check_single_values(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """A dry forward on two blank samples: any GN/IN group holding one value is refused."""
+
+    def hook(name):
+        def check(module, inputs):
+            x = inputs[0]
+            groups = module.num_groups if isinstance(module, GroupNorm) else x.shape[1]
+            if x[0].numel() // groups <= 1:
+                raise UserError(f"layer '{name}' sees input {tuple(x.shape[1:])}: each group or instance would "
+                                "hold a single value, which normalizes to zero; use fewer stages, larger inputs "
+                                "or fewer groups")
+        return check
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, (GroupNorm, nn.InstanceNorm2d))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+def _check_group_counts(model: nn.Module) -> None:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GroupNorm) and m.num_groups > 1]
     bad = [(name, m) for name, m in layers
            if m.num_channels % m.num_groups or (m.kind != SPATIAL and m.num_channels == m.num_groups)]

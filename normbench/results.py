@@ -132,10 +132,10 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
     """
     summaries, curves, warnings = [], {}, []
     for folder in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / "summary.json").exists() and (folder / "config.yaml").exists():
+            continue  # started, never wrote a summary: not a result
         summary = read_summary(folder)
-        if summary is None:
-            if (folder / "config.yaml").exists():
-                continue  # started, never wrote a summary: not a result
+        if not isinstance(summary, dict):
             warnings.append(f"skipped {folder}: no readable summary.json")
             continue
         missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]

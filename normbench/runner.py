@@ -94,12 +94,13 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
 
 def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     """Load the data and build the model: every check that can refuse a config, before anything is written."""
-    results.check_writable(results.experiment_dir(cfg))
+    experiment = results.experiment_dir(cfg)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     if len(data.train_y) < cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train_y)} samples)")
     model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
+    results.check_writable(experiment)
     return data, model
 
 

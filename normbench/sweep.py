@@ -94,7 +94,9 @@ class _Plan:
             prepare(cfg, torch.device("cpu"))
         except UserError as e:
             return Planned(overrides, None, "invalid", str(e))
-        return Planned(overrides, cfg, run_state(cfg))
+        state = run_state(cfg)
+        error = (results.read_summary(results.run_dir(cfg)) or {}).get("error") if state == "failed" else None
+        return Planned(overrides, cfg, state, error)
 
 
 # The display of the sweep running in this process, if any; jobs in other processes see None.
@@ -114,7 +116,8 @@ class _Train:
         cfg = to_config(dict_cfg)
         outcome = {"run_id": run_id(cfg), "status": run_state(cfg), "error": None}
         if not should_train(outcome["status"], self.retry_failed):
-            outcome["skipped"] = True
+            previous = results.read_summary(results.run_dir(cfg)) or {}
+            outcome.update(skipped=True, error=previous.get("error"))
             return outcome
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -145,6 +148,7 @@ def launcher_overrides(jobs: int) -> list[str]:
 @dataclass
 class SweepOutcome:
     planned: list[Planned]
+    retry_failed: bool = False
     outcomes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -154,11 +158,12 @@ class SweepOutcome:
 
     @property
     def failures(self) -> list[tuple[str, str]]:
-        """(what, why) for every job that did not give a result: invalid configs and failed runs."""
-        bad = [(p.label, p.error) for p in self.planned if p.state == "invalid"]
-        bad += [(o["run_id"], o.get("error") or o["status"]) for o in self.outcomes
-                if o["status"] in ("failed", "invalid")]
-        return bad
+        """(what, why) for every job without a result: invalid configs and failed runs, earlier ones too."""
+        bad = {p.label: p.error for p in self.planned if p.state == "invalid"}
+        bad.update({run_id(p.cfg): p.error or "failed" for p in self.planned
+                    if p.state == "failed" and not self.retry_failed})
+        bad.update({o["run_id"]: o.get("error") or "failed" for o in self.outcomes if o["status"] == "failed"})
+        return list(bad.items())
 
     @property
     def experiment_dirs(self) -> list[Path]:
@@ -194,7 +199,7 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     t0 = time.perf_counter()
     launch = launcher_overrides(jobs)
     planned = plan(overrides, config_dir)
-    outcome = SweepOutcome(planned)
+    outcome = SweepOutcome(planned, retry_failed)
     todo = [p for p in planned if p.state != "invalid" and should_train(p.state, retry_failed)]
     if todo:
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None

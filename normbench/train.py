@@ -164,17 +164,23 @@ def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bat
 
 @contextmanager
 def recomputed_statistics(model: nn.Module, x: torch.Tensor, batch_size: int):
-    """Replace BN running averages by population statistics over `x` (weights frozen); restore after."""
+    """Replace BN running averages by population statistics over `x` (weights frozen); restore after.
+
+    `x` is cut into nearly equal chunks, and each chunk's statistics are weighted by its size.
+    """
     bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
     saved = [({k: b.clone() for k, b in m.named_buffers()}, m.momentum) for m in bns]
     model.eval()
     with torch.no_grad():
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
             m.train()
-        for s in _chunks(len(x), batch_size):
-            model(x[s])
+        seen = 0
+        for chunk in torch.tensor_split(x, math.ceil(len(x) / batch_size)):
+            seen += len(chunk)
+            for m in bns:
+                m.momentum = len(chunk) / seen  # a running mean weighted by chunk size
+            model(chunk)
     model.eval()
     try:
         yield

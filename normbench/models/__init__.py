@@ -39,7 +39,7 @@ def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: 
                 seed: int) -> nn.Module:
     """Build model `cfg.name`, validate its norms, and initialize it from `seed`."""
     model = MODELS.get(cfg.name)(cfg, input_shape, num_classes, norm)
-    validate_norms(model)
+    validate_norms(model, input_shape)
     seeded_init(model, seed)
     return model
 
