@@ -1,0 +1,357 @@
+"""normbench.analysis on hand-made run summaries: statistics, tables and the computed verdict. No training."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from normbench import analysis
+from normbench.analysis import diff_ci, mean_ci, t95
+from normbench.config import compose, to_dict
+
+# ---- statistics ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("df, expected", [
+    (1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (20, 2.086), (30, 2.042),
+    (60, 2.000), (120, 1.980), (1000, 1.962),
+])
+def test_t95_matches_student_t_table(df, expected):
+    assert t95(df) == pytest.approx(expected, abs=1e-3)
+
+
+def test_t95_fractional_df_lies_between_neighbours_and_decreases():
+    values = [t95(df) for df in np.arange(1.0, 40.0, 0.25)]
+    assert all(a > b for a, b in zip(values, values[1:])), "t quantile must fall as df grows"
+    assert t95(2) > t95(2.5) > t95(3)
+    assert t95(29.5) == pytest.approx((t95(29) + t95(30)) / 2)
+    assert abs(t95(30.0001) - t95(30)) < 1e-3  # the table and the expansion meet at 30
+
+
+@pytest.mark.parametrize("df", [0, 0.5, -1, math.nan])
+def test_t95_undefined_below_one_df(df):
+    assert math.isnan(t95(df))
+
+
+def test_mean_ci_three_values():
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3)
+    assert half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-9)
+    assert half == pytest.approx(2.484, abs=1e-3)
+
+
+def test_mean_ci_ignores_missing_values_and_handles_small_n():
+    assert mean_ci([1.0, None, math.nan, 3.0, math.inf]) == pytest.approx((2.0, 12.706, 2))  # sd sqrt(2), n 2
+    mean, half, n = mean_ci([5.0])
+    assert (mean, n) == (5.0, 1) and math.isnan(half)
+    mean, half, n = mean_ci([])
+    assert n == 0 and math.isnan(mean) and math.isnan(half)
+
+
+def test_diff_ci_equal_variances_gives_pooled_df():
+    # var 1 each, n 3 each: se = sqrt(2/3), Welch df = 4 exactly
+    d, h = diff_ci([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
+    assert d == pytest.approx(-1.0)
+    assert h == pytest.approx(2.776 * math.sqrt(2 / 3), abs=1e-9)
+
+
+def test_diff_ci_welch_unequal_variances():
+    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0]
+    va, vb = 1.0 / 3, np.var(b, ddof=1) / 4
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    assert 3 < df < 5 and not float(df).is_integer()
+    d, h = diff_ci(a, b)
+    assert d == pytest.approx(2.0 - 7.0)
+    assert h == pytest.approx(t95(df) * se)
+    # Welch differs from the pooled-variance interval
+    pooled = math.sqrt(((2 * 1.0) + (3 * np.var(b, ddof=1))) / 5 * (1 / 3 + 1 / 4)) * t95(5)
+    assert abs(h - pooled) > 0.1
+
+
+def test_diff_ci_edge_cases():
+    assert diff_ci([2.0, 2.0], [1.0, 1.0]) == (1.0, 0.0)  # no noise: exact
+    d, h = diff_ci([3.0], [1.0, 2.0])
+    assert d == pytest.approx(1.5) and math.isnan(h)
+    d, h = diff_ci([], [1.0])
+    assert math.isnan(d) and math.isnan(h)
+    d, h = diff_ci([1.0, math.nan, 3.0], [1.0, 2.0, 3.0])  # NaN dropped
+    assert d == pytest.approx(0.0)
+    assert h == pytest.approx(t95(((2 / 2) + (1 / 3)) ** 2 / ((2 / 2) ** 2 / 1 + (1 / 3) ** 2 / 2))
+                              * math.sqrt(2 / 2 + 1 / 3))
+
+
+def test_fmt_ci():
+    assert analysis.fmt_ci(90.04, 1.26) == "90.0 ± 1.3"
+    assert analysis.fmt_ci(90.04, math.nan) == "90.0"
+    assert analysis.fmt_ci(math.nan, 1.0) == "-"
+
+
+# ---- fake run summaries ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _base_config(norm: str) -> str:
+    import json
+
+    return json.dumps(to_dict(compose(["data=synthetic", "model=mlp", f"norm={norm}", "results_dir=unused"])))
+
+
+_ids = itertools.count()
+
+
+def fake_run(norm: str = "bn", batch_size: int = 32, seed: int = 0, acc: float | None = 90.0, *,
+             status: str = "completed", precise: float | None = None, batch_stats: float | None = None,
+             preset: str | None = None, **norm_keys) -> dict:
+    """A dict shaped like summary.json, with a real composed config."""
+    import json
+
+    config = json.loads(_base_config(preset or norm))
+    config["norm"].update(norm_keys)
+    config["batch_size"], config["seed"] = batch_size, seed
+    final = None if acc is None else {
+        "epoch": 1, "step": 100, "lr": 0.1, "train_loss": 0.5, "train_acc": 95.0, "test_loss": 0.4,
+        "test_acc": acc, "test_acc_batch_stats": batch_stats, "test_acc_precise": precise,
+        "seconds": 1.0, "samples_per_s": 1000.0}
+    return {
+        "run_id": f"mlp-{config['norm']['name']}-b{batch_size}-s{seed}-{next(_ids):012d}", "status": status,
+        "config_hash": "0" * 12, "error": None if status != "failed" else "RuntimeError: x",
+        "config": config, "final": final, "effective_lr": 0.1 * batch_size / 32, "epochs_completed": 1,
+        "steps": 100, "wall_seconds": 2.0, "best_test_acc": acc,
+        "diverged_step": 7 if status == "diverged" else None,
+    }
+
+
+def tables(summaries: list[dict]):
+    runs = analysis.runs_table(summaries)
+    summary = analysis.summary_table(runs)
+    degr = analysis.degradation(runs, summary)
+    return runs, summary, degr, analysis.verdict(runs, summary, degr)
+
+
+def one(frame: pd.DataFrame, **where) -> pd.Series:
+    mask = np.ones(len(frame), dtype=bool)
+    for k, v in where.items():
+        mask &= (frame[k] == v).to_numpy()
+    assert mask.sum() == 1, f"{where}: {mask.sum()} rows"
+    return frame[mask].iloc[0]
+
+
+# BN loses 20 points from batch 128 to 2 (seed noise 0.5); LN is flat.
+BN_DROP = {("bn", 128): [90.0, 90.5, 89.5], ("bn", 2): [70.0, 70.5, 69.5],
+           ("ln", 128): [88.0, 88.5, 87.5], ("ln", 2): [88.5, 87.5, 88.0]}
+BN_PRECISE_GAIN = [14.0, 15.0, 16.0]  # recomputed statistics at batch 2, per seed
+
+
+def bn_drop_runs(with_precise: bool = False) -> list[dict]:
+    out = []
+    for (norm, batch), accs in BN_DROP.items():
+        for seed, acc in enumerate(accs):
+            extra = {}
+            if with_precise and norm == "bn":
+                gain = BN_PRECISE_GAIN[seed] if batch == 2 else 0.0
+                extra = {"precise": acc + gain, "batch_stats": acc + 5.0}
+            out.append(fake_run(norm, batch, seed, acc, **extra))
+    return out
+
+
+# ---- tables ----------------------------------------------------------------------------------------------
+
+
+def test_runs_table_flattens_config_and_sorts():
+    summaries = [fake_run("ln", 8, 1, 80.0), fake_run("bn", 8, 0, 70.0), fake_run("bn", 2, 0, 60.0)]
+    runs = analysis.runs_table(summaries)
+    assert list(runs.columns[:10]) == ["run_id", "status", "data", "model", "norm", "batch_size", "seed",
+                                       "effective_lr", "epochs", "steps"]
+    assert list(zip(runs.norm, runs.batch_size, runs.seed)) == [("bn", 2, 0), ("bn", 8, 0), ("ln", 8, 1)]
+    assert list(runs.test_acc) == [60.0, 70.0, 80.0]
+    assert set(runs.data) == {"synthetic"} and set(runs.model) == {"mlp"}
+    assert list(runs["config.norm.name"]) == ["bn", "bn", "ln"]
+    assert runs["config.norm.momentum"].iloc[0] == 0.1 and math.isnan(runs["config.norm.momentum"].iloc[2])
+    assert runs["config.data.shape"].iloc[0] == (1, 28, 28)
+    assert runs.effective_lr.tolist() == pytest.approx([0.1 * 2 / 32, 0.1 * 8 / 32, 0.1 * 8 / 32])
+    assert analysis.runs_table([]).empty
+
+
+def test_summary_table_statistics_and_diverged_runs():
+    summaries = [fake_run("bn", 4, s, a) for s, a in enumerate([80.0, 82.0, 84.0])]
+    summaries.append(fake_run("bn", 4, 3, 10.0, status="diverged"))  # has a test_acc, must not count
+    summaries.append(fake_run("bn", 4, 4, None, status="failed"))
+    summaries += [fake_run("ln", 4, 0, 85.0)]
+    runs = analysis.runs_table(summaries)
+    summary = analysis.summary_table(runs)
+    assert len(summary) == 2
+    bn = one(summary, norm="bn")
+    assert (bn.n, bn.n_diverged, bn.n_failed) == (3, 1, 1)
+    assert bn.test_acc_mean == pytest.approx(82.0)
+    assert bn.test_acc_std == pytest.approx(2.0)
+    assert bn.test_acc_ci95 == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert (bn.test_acc_min, bn.test_acc_max) == (80.0, 84.0)
+    assert bn.test_acc_lo == pytest.approx(82.0 - bn.test_acc_ci95)
+    assert bn.test_acc_hi == pytest.approx(82.0 + bn.test_acc_ci95)
+    assert bn.train_loss_mean == pytest.approx(0.5)
+    assert math.isnan(bn.test_acc_precise_mean)
+    ln = one(summary, norm="ln")
+    assert (ln.n, ln.n_diverged, ln.test_acc_mean) == (1, 0, 85.0)
+    assert math.isnan(ln.test_acc_std) and math.isnan(ln.test_acc_ci95)
+    assert list(summary.columns[:4]) == ["data", "model", "norm", "batch_size"]
+
+
+def test_summary_table_seed_is_not_a_condition_but_other_settings_are():
+    summaries = [fake_run("bn", 4, s, 80.0 + s) for s in range(2)]
+    for s in range(2):
+        run = fake_run("bn", 4, s, 60.0 + s)
+        run["config"]["lr"] = 0.5
+        summaries.append(run)
+    summary = analysis.summary_table(analysis.runs_table(summaries))
+    assert "config.lr" in summary.columns and "config.seed" not in summary.columns
+    assert sorted(summary.test_acc_mean) == [60.5, 80.5]
+    assert list(summary.n) == [2, 2]
+
+
+def test_pivot_cells():
+    summaries = [fake_run("bn", b, s, a) for b, accs in ((2, [70.0, 72.0]), (128, [90.0, 90.0]))
+                 for s, a in enumerate(accs)]
+    summaries.append(fake_run("ln", 2, 0, 88.0))
+    summary = analysis.summary_table(analysis.runs_table(summaries))
+    pv = analysis.pivot(summary)
+    assert pv.index.names == ["data", "model", "norm"]
+    assert list(pv.columns) == [2, 128]
+    assert pv.loc[("synthetic", "mlp", "bn"), 2] == "71.0 ± 12.7"  # sd sqrt(2), n 2: 12.706
+    assert pv.loc[("synthetic", "mlp", "bn"), 128] == "90.0 ± 0.0"
+    assert pv.loc[("synthetic", "mlp", "ln"), 2] == "88.0"  # one seed: no interval
+    assert pv.loc[("synthetic", "mlp", "ln"), 128] == "-"  # not run
+
+
+def test_delta_vs_bn_and_degradation():
+    runs, summary, degr, _ = tables(bn_drop_runs())
+    delta = analysis.delta_vs_bn(runs, summary)
+    assert set(delta.norm) == {"ln"}
+    small = one(delta, batch_size=2)
+    assert small.delta == pytest.approx(88.0 - 70.0)
+    assert small.delta_ci95 == pytest.approx(2.776 * math.sqrt(0.25 / 3 + 0.25 / 3))  # Welch df = 4
+    assert one(delta, batch_size=128).delta == pytest.approx(88.0 - 90.0)
+
+    assert set(degr.norm) == {"bn", "ln"}
+    bn = one(degr, norm="bn")
+    assert (bn.small_batch, bn.large_batch) == (2, 128)
+    assert (bn.acc_small, bn.acc_large) == (pytest.approx(70.0), pytest.approx(90.0))
+    assert bn["drop"] == pytest.approx(20.0)  # largest batch minus smallest
+    assert bn.drop_ci95 == pytest.approx(2.776 * math.sqrt(0.25 / 3 + 0.25 / 3))
+    assert one(degr, norm="ln")["drop"] == pytest.approx(0.0)
+
+
+def test_degradation_needs_two_batch_sizes():
+    runs, summary, degr, verdict = tables([fake_run("bn", 4, s, 80.0 + s) for s in range(3)])
+    assert degr.empty and verdict == {}
+
+
+# ---- verdict ---------------------------------------------------------------------------------------------
+
+
+def test_verdict_bn_degrades_ln_flat():
+    _, _, _, verdict = tables(bn_drop_runs())
+    assert list(verdict) == ["synthetic / mlp"]
+    lines = verdict["synthetic / mlp"]
+    half = 2.776 * math.sqrt(0.25 / 3 + 0.25 / 3)
+    assert lines[0] == (f"bn degrades as the batch shrinks: 20.0 ± {half:.1f} points lower at batch 2 "
+                        "than at 128.")
+    assert lines[1] == f"ln within +0.0 ± {half:.1f} points from batch 128 down to 2: no degradation detected."
+    assert lines[2] == f"At batch 2, ln beats bn by 18.0 ± {half:.1f} points."
+    assert len(lines) == 3  # no recovery sentence without test_acc_precise
+    assert not any("recomput" in line for line in lines)
+
+
+def test_verdict_recovery_sentence_with_precise_bn():
+    _, _, _, verdict = tables(bn_drop_runs(with_precise=True))
+    lines = verdict["synthetic / mlp"]
+    assert len(lines) == 4
+    recovery = lines[3]
+    assert recovery.startswith("At batch 2, recomputing BN's statistics after training changes its test accuracy by "
+                               f"+15.0 ± {4.303 / math.sqrt(3):.1f} points;")
+    assert "its own statistics changes it by +5.0 ± 0.0 points." in recovery
+    assert recovery.endswith("Recomputed statistics recover 75% of the 20.0-point loss.")
+
+
+def test_verdict_bn_flat_within_noise():
+    data = {("bn", 128): [90.0, 91.0, 89.0], ("bn", 2): [89.5, 90.5, 88.5],
+            ("ln", 128): [90.0, 90.4, 89.8], ("ln", 2): [90.0, 90.2, 89.6]}
+    summaries = [fake_run(n, b, s, a) for (n, b), accs in data.items() for s, a in enumerate(accs)]
+    runs, _, degr, verdict = tables(summaries)
+    lines = verdict["synthetic / mlp"]
+    bn = one(degr, norm="bn")
+    assert abs(bn["drop"]) < bn.drop_ci95
+    assert lines[0] == (f"bn within +0.5 ± {bn.drop_ci95:.1f} points from batch 128 down to 2: "
+                        "no degradation detected.")
+    assert "no degradation detected" in lines[1] and lines[1].startswith("ln within")
+    d, h = diff_ci(data[("ln", 2)], data[("bn", 2)])
+    assert abs(d) <= h
+    assert lines[2] == f"At batch 2, ln vs bn: {d:+.1f} ± {h:.1f} points: no detectable difference."
+    assert not any("degrades" in line or "beats" in line for line in lines)
+
+
+def test_verdict_bn_better_at_small_batch():
+    data = {("bn", 64): [70.0, 70.5, 69.5], ("bn", 4): [80.0, 80.5, 79.5],
+            ("ln", 64): [60.0, 60.5, 59.5], ("ln", 4): [60.0, 60.5, 59.5]}
+    summaries = [fake_run(n, b, s, a) for (n, b), accs in data.items() for s, a in enumerate(accs)]
+    lines = tables(summaries)[3]["synthetic / mlp"]
+    assert lines[0].startswith("bn does better at the small batch: 10.0 ± ")
+    assert lines[0].endswith("points higher at batch 4 than at 64.")
+    assert lines[2].startswith("At batch 4, bn beats ln by 20.0 ± ")
+
+
+def test_verdict_one_seed_gives_no_interval():
+    summaries = [fake_run("bn", 128, 0, 90.0), fake_run("bn", 2, 0, 70.0),
+                 fake_run("ln", 128, 0, 88.0), fake_run("ln", 2, 0, 87.0)]
+    lines = tables(summaries)[3]["synthetic / mlp"]
+    assert lines[0] == "bn: +20.0 points between batch 2 and 128, from one seed: no interval, no verdict."
+    assert lines[1] == "ln: +1.0 points between batch 2 and 128, from one seed: no interval, no verdict."
+    assert lines[2] == "At batch 2, ln vs bn: +17.0 points (one seed: no interval): no detectable difference."
+    assert not any("degrades" in line or "beats" in line for line in lines)
+
+
+# ---- labels ----------------------------------------------------------------------------------------------
+
+
+def test_labels_name_the_varied_norm_key():
+    summaries = []
+    for batch, accs in ((4, (70.0, 71.0)), (64, (90.0, 91.0))):
+        for seed, acc in enumerate(accs):
+            summaries.append(fake_run("bn", batch, seed, acc))  # recurrent_stats=per_step
+            summaries.append(fake_run("bn", batch, seed, acc - 5, preset="bn_shared"))
+            summaries.append(fake_run("ln", batch, seed, acc + 10))
+    runs, summary, degr, verdict = tables(summaries)
+    labels = {"bn[recurrent_stats=per_step]", "bn[recurrent_stats=shared]", "ln"}
+    assert set(runs.norm) == labels
+    assert (runs.groupby("norm").size() == 4).all()
+    shared = runs[runs.norm == "bn[recurrent_stats=shared]"]
+    assert set(shared["config.norm.recurrent_stats"]) == {"shared"}
+    # the labels are the conditions: three of them per batch size
+    assert set(summary.norm) == labels and len(summary) == 6
+    assert one(summary, norm="bn[recurrent_stats=shared]", batch_size=4).test_acc_mean == pytest.approx(65.5)
+    # per-step BN is the reference the others are compared with
+    assert analysis.bn_label(summary.norm) == "bn[recurrent_stats=per_step]"
+    delta = analysis.delta_vs_bn(runs, summary)
+    assert set(delta.norm) == {"ln"}
+    assert one(delta, batch_size=4).delta == pytest.approx(10.0)
+    assert set(degr.norm) == labels
+    assert verdict["synthetic / mlp"][0].startswith("bn[recurrent_stats=per_step] degrades as the batch shrinks")
+
+
+def test_labels_stay_plain_without_variation():
+    runs = analysis.runs_table([fake_run("bn", 4, 0), fake_run("bn", 8, 0, momentum=0.1), fake_run("ln", 4, 0)])
+    assert sorted(set(runs.norm)) == ["bn", "ln"]
+    runs = analysis.runs_table([fake_run("bn", 4, 0, momentum=0.1), fake_run("bn", 4, 0, momentum=0.01)])
+    assert sorted(runs.norm) == ["bn[momentum=0.01]", "bn[momentum=0.1]"]
+
+
+def test_bn_label_choice():
+    assert analysis.bn_label(["ln", "bn", "gn"]) == "bn"
+    assert analysis.bn_label(["bn[recurrent_stats=shared]", "bn[recurrent_stats=per_step]"]) == \
+        "bn[recurrent_stats=per_step]"
+    assert analysis.bn_label(["ln", "gn"]) is None

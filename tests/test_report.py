@@ -1,0 +1,296 @@
+"""The experiment report from a tiny real sweep: CSV tables, figures, report.md, rebuilt from the folders alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from normbench import analysis, report, results, sweep
+from normbench.cli import app
+from normbench.results import METRIC_COLUMNS
+
+SWEEP = ["data=synthetic", "data.num_train=64", "data.num_test=32", "model=mlp", "model.width=16", "epochs=1",
+         "eval.precise_bn_samples=64", "device=cpu", "norm=bn,ln", "batch_size=4,16", "seed=0,1", "name=tiny"]
+AGGREGATES = ["runs.csv", "summary.csv", "pivot.csv", "delta_vs_bn.csv", "degradation.csv", "report.md"]
+FIGURES = ["accuracy_vs_batch", "bn_eval_modes", "training_curves"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    """One tiny real sweep for the whole module (8 runs); tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("sweep")
+
+    def no_connect(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_connect)
+        mp.setattr(socket, "create_connection", no_connect)
+        outcome = sweep.run([*SWEEP, f"results_dir={root}"])
+    assert outcome.trained == 8 and outcome.failures == []
+    return root / "tiny"
+
+
+@pytest.fixture
+def experiment(swept, tmp_path) -> Path:
+    """A private copy of the swept experiment."""
+    return Path(shutil.copytree(swept, tmp_path / "tiny"))
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+
+
+def run_folder_names(experiment: Path) -> list[str]:
+    return sorted(p.name for p in experiment.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def summaries_on_disk(experiment: Path) -> list[dict]:
+    return [json.loads((experiment / name / "summary.json").read_text()) for name in run_folder_names(experiment)]
+
+
+# ---- tables and figures ------------------------------------------------------------------------------------
+
+
+def test_report_writes_tables_with_documented_columns(experiment):
+    rep = report.build(experiment)
+    assert rep.warnings == []
+    path = report.write(rep)
+    assert path == experiment / "report.md"
+    for name in AGGREGATES:
+        assert (experiment / name).is_file(), name
+
+    runs = pd.read_csv(experiment / "runs.csv")
+    assert len(runs) == 8 and set(runs.status) == {"completed"}
+    assert list(runs.columns[:10]) == ["run_id", "status", "data", "model", "norm", "batch_size", "seed",
+                                       "effective_lr", "epochs", "steps"]
+    assert sorted(runs.run_id) == run_folder_names(experiment)
+    for s in summaries_on_disk(experiment):
+        row = runs[runs.run_id == s["run_id"]].iloc[0]
+        assert row.test_acc == pytest.approx(s["final"]["test_acc"])
+        assert row.norm == s["config"]["norm"]["name"] and row.batch_size == s["config"]["batch_size"]
+
+    summary = pd.read_csv(experiment / "summary.csv")
+    for col in ["data", "model", "norm", "batch_size", "n", "n_diverged", "n_failed", "test_acc_mean",
+                "test_acc_std", "test_acc_ci95", "test_acc_min", "test_acc_max", "test_acc_batch_stats_mean",
+                "test_acc_precise_mean", "train_loss_mean"]:
+        assert col in summary.columns, col
+    assert sorted(zip(summary.norm, summary.batch_size)) == [("bn", 4), ("bn", 16), ("ln", 4), ("ln", 16)]
+    assert list(summary.n) == [2, 2, 2, 2]
+    for _, row in summary.iterrows():
+        accs = runs[(runs.norm == row.norm) & (runs.batch_size == row.batch_size)].test_acc.to_numpy()
+        mean, half, _ = analysis.mean_ci(accs)
+        assert row.test_acc_mean == pytest.approx(mean)
+        assert row.test_acc_std == pytest.approx(np.std(accs, ddof=1))
+        assert row.test_acc_ci95 == pytest.approx(half)
+        assert (row.test_acc_min, row.test_acc_max) == (pytest.approx(accs.min()), pytest.approx(accs.max()))
+    bn_rows, ln_rows = summary[summary.norm == "bn"], summary[summary.norm == "ln"]
+    assert bn_rows.test_acc_precise_mean.notna().all() and bn_rows.test_acc_batch_stats_mean.notna().all()
+    assert ln_rows.test_acc_precise_mean.isna().all()  # LN has no batch statistics to recompute
+
+    pivot = pd.read_csv(experiment / "pivot.csv")
+    assert list(pivot.columns) == ["data", "model", "norm", "4", "16"]
+    for _, row in summary.iterrows():
+        cell = pivot[pivot.norm == row.norm][str(row.batch_size)].iloc[0]
+        assert cell == analysis.fmt_ci(row.test_acc_mean, row.test_acc_ci95)
+
+    delta = pd.read_csv(experiment / "delta_vs_bn.csv")
+    assert set(delta.columns) >= {"data", "model", "batch_size", "norm", "delta", "delta_ci95"}
+    assert sorted(zip(delta.norm, delta.batch_size)) == [("ln", 4), ("ln", 16)]
+    for _, row in delta.iterrows():
+        means = summary[summary.batch_size == row.batch_size].set_index("norm").test_acc_mean
+        assert row.delta == pytest.approx(means["ln"] - means["bn"])
+
+    degr = pd.read_csv(experiment / "degradation.csv")
+    assert list(degr.columns) == ["data", "model", "norm", "small_batch", "large_batch", "acc_small", "acc_large",
+                                  "drop", "drop_ci95"]
+    for _, row in degr.iterrows():
+        means = summary[summary.norm == row.norm].set_index("batch_size").test_acc_mean
+        assert (row.small_batch, row.large_batch) == (4, 16)
+        assert row["drop"] == pytest.approx(means[16] - means[4])
+
+
+def test_report_figures_are_real_images(experiment):
+    report.write(report.build(experiment))
+    for name in FIGURES:
+        png, svg = experiment / f"{name}.png", experiment / f"{name}.svg"
+        assert png.stat().st_size > 5_000, name
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        pixels = image.reshape(-1, image.shape[-1])
+        assert len(np.unique(pixels, axis=0)) > 10, f"{name}.png is (nearly) a single colour"
+        assert np.ptp(pixels[:, :3]) > 0.5
+        text = svg.read_text()
+        assert svg.stat().st_size > 5_000 and text.lstrip().startswith("<?xml") and "<svg" in text
+
+
+def test_report_markdown(experiment):
+    rep = report.build(experiment)
+    text = report.write(rep).read_text()
+    assert text.startswith("# normbench report: tiny\n")
+    assert "8 runs: 8 completed." in text
+    assert "## Verdict" in text
+    assert "**synthetic / mlp**" in text
+    for sentence in rep.verdict["synthetic / mlp"]:
+        assert f"- {sentence}" in text
+    assert any(s.startswith("bn ") or s.startswith("bn:") for s in rep.verdict["synthetic / mlp"])
+    assert "| data | model | norm | 4 | 16 |" in text  # the pivot table
+    for cell in rep.pivot.to_numpy().ravel():
+        assert f" {cell} " in text
+    assert "## Difference from batch norm (points)" in text
+    for name in FIGURES:
+        assert f"![{name}]({name}.png)" in text
+    assert "Layer Normalization (Ba et al. 2016)" in text  # the anchor for the MLP
+    assert "## Provenance" in text and "- runs: 8;" in text
+    assert "Skipped folders" not in text
+
+
+def test_report_command_rebuilds_the_same_tables_from_the_folders(experiment):
+    report.write(report.build(experiment))
+    before = {name: (experiment / name).read_bytes() for name in AGGREGATES if name.endswith(".csv")}
+    for name in AGGREGATES:
+        (experiment / name).unlink()
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            (experiment / f"{name}.{ext}").unlink()
+
+    result = CliRunner().invoke(app, ["report", str(experiment)])
+    assert result.exit_code == 0, result.output
+    assert f"report: {experiment / 'report.md'}" in result.output
+    assert (experiment / "summary.csv").read_bytes() == before["summary.csv"]
+    for name, data in before.items():
+        assert (experiment / name).read_bytes() == data, name
+    for name in FIGURES:
+        assert (experiment / f"{name}.png").is_file()
+    assert "## Verdict" in (experiment / "report.md").read_text()
+
+    # the results folder above works too
+    result = CliRunner().invoke(app, ["report", str(experiment.parent)])
+    assert result.exit_code == 0, result.output
+    assert (experiment / "summary.csv").read_bytes() == before["summary.csv"]
+
+
+def test_report_command_on_a_folder_without_runs(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no run folders under" in result.output
+
+
+# ---- malformed run folders -------------------------------------------------------------------------------
+
+
+def _victim(experiment: Path) -> Path:
+    return experiment / run_folder_names(experiment)[0]
+
+
+def _garbage_summary_alone(experiment: Path) -> Path:
+    folder = experiment / "stray"
+    folder.mkdir()
+    (folder / "summary.json").write_text("{ this is not json")
+    return folder
+
+
+def _summary_missing_keys(experiment: Path) -> Path:
+    folder = _victim(experiment)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["config_hash"], summary["config"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def _metrics_wrong_columns(experiment: Path) -> Path:
+    folder = _victim(experiment)
+    (folder / "metrics.csv").write_text("epoch,loss,accuracy\n1,0.5,90\n")
+    return folder
+
+
+def _metrics_unreadable(experiment: Path) -> Path:
+    folder = _victim(experiment)
+    (folder / "metrics.csv").unlink()
+    return folder
+
+
+def _summary_of_another_run(experiment: Path) -> Path:
+    folder = _victim(experiment)
+    renamed = folder.with_name(folder.name + "-copy")
+    folder.rename(renamed)
+    return renamed
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_garbage_summary_alone, "no readable summary.json"),
+    (_summary_missing_keys, "summary.json lacks config_hash, config"),
+    (_metrics_wrong_columns, "metrics.csv has columns ['epoch', 'loss', 'accuracy']"),
+    (_metrics_unreadable, "metrics.csv unreadable"),
+    (_summary_of_another_run, "summary.json belongs to run"),
+])
+def test_a_malformed_run_folder_is_skipped_with_a_warning(experiment, damage, why):
+    folder = damage(experiment)
+    expected_runs = 8 if damage is _garbage_summary_alone else 7
+    rep = report.build(experiment)
+    assert len(rep.warnings) == 1 and rep.warnings[0].startswith(f"skipped {folder}: {why}"), rep.warnings
+    assert len(rep.runs) == expected_runs
+    assert folder.name not in set(rep.runs.run_id)
+    assert int(rep.summary.n.sum()) == expected_runs
+    text = report.write(rep).read_text()
+    assert "Skipped folders:" in text and str(folder) in text
+    assert (experiment / "summary.csv").is_file()
+
+
+def test_report_command_prints_the_warning(experiment):
+    folder = _metrics_wrong_columns(experiment)
+    result = CliRunner().invoke(app, ["report", str(experiment)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipped {folder}: metrics.csv has columns" in result.output
+    assert len(pd.read_csv(experiment / "runs.csv")) == 7
+
+
+def test_a_garbage_summary_in_a_real_run_folder_is_warned_about(experiment):
+    folder = _victim(experiment)
+    assert (folder / "config.yaml").is_file()
+    (folder / "summary.json").write_text("{ this is not json")
+    rep = report.build(experiment)
+    assert len(rep.runs) == 7
+    assert rep.warnings == [f"skipped {folder}: no readable summary.json"]
+
+
+def test_runs_still_running_are_left_out_without_a_warning(experiment):
+    folder = _victim(experiment)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["status"] = "running"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    started = experiment / "started-never-summarized"
+    started.mkdir()
+    (started / "config.yaml").write_text("name: tiny\n")
+    summaries, curves, warnings = results.scan(experiment)
+    assert len(summaries) == 7 and warnings == []
+    assert folder.name not in curves and all(list(c.columns) == METRIC_COLUMNS for c in curves.values())
+
+
+def test_report_with_failed_and_diverged_runs(experiment):
+    names = run_folder_names(experiment)
+    failed, diverged = experiment / names[0], experiment / names[1]
+    for folder, status in ((failed, "failed"), (diverged, "diverged")):
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["status"] = status
+        if status == "failed":
+            summary.update(final=None, error="RuntimeError: boom")
+        (folder / "summary.json").write_text(json.dumps(summary))
+    rep = report.build(experiment)
+    assert rep.warnings == []
+    row = rep.summary[(rep.summary.n_failed + rep.summary.n_diverged) > 0]
+    assert len(row) == 1  # names[0] and names[1] are the two seeds of one condition
+    row = row.iloc[0]
+    assert (row.n, row.n_failed, row.n_diverged) == (0, 1, 1)
+    assert np.isnan(row.test_acc_mean)
+    text = report.write(rep).read_text()
+    assert "8 runs: 6 completed, 1 diverged, 1 failed." in text

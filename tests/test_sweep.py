@@ -1,0 +1,383 @@
+"""Sweeps: Hydra's multirun internals, expansion and validation, resume, failures, the CLI, --jobs.
+
+Every sweep here is tiny (synthetic data, a 16-unit MLP, one epoch of 64 samples) and writes under tmp_path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from typer.testing import CliRunner
+
+import normbench.runner
+from normbench import results, sweep
+from normbench.cli import app
+from normbench.config import compose, run_id
+from normbench.errors import UserError
+
+from conftest import write_idx_dataset
+
+TINY = ["data=synthetic", "data.num_train=64", "data.num_test=32", "model=mlp", "model.width=16", "epochs=1",
+        "eval.precise_bn_samples=64", "device=cpu"]
+
+
+def tiny(results_dir: Path, *sweep_args: str) -> list[str]:
+    return [*TINY, *sweep_args, f"results_dir={results_dir}"]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # Rich reads it on every print: no wrapped run ids
+
+
+@pytest.fixture
+def trained(monkeypatch) -> list[str]:
+    """Run ids of every training started (sweep._Train imports runner.execute at call time)."""
+    calls: list[str] = []
+    real = normbench.runner.execute
+
+    def counting(cfg, progress=None):
+        calls.append(run_id(cfg))
+        return real(cfg, progress)
+
+    monkeypatch.setattr(normbench.runner, "execute", counting)
+    return calls
+
+
+def set_status(folder: Path, status: str) -> None:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["status"] = status
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def run_folders(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if experiment.is_dir() else []
+
+
+# ---- the Hydra internals normbench relies on -------------------------------------------------------------
+
+
+def test_hydra_internals_have_the_expected_signatures():
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    assert sweep.Hydra is Hydra and sweep.create_config_search_path is create_config_search_path
+    create = inspect.signature(Hydra.create_main_hydra2)  # classmethod: cls is bound
+    assert list(create.parameters) == ["task_name", "config_search_path"]
+    multirun = inspect.signature(Hydra.multirun)
+    assert list(multirun.parameters)[:4] == ["self", "config_name", "task_function", "overrides"]
+    assert all(p.default is not inspect.Parameter.empty for p in list(multirun.parameters.values())[4:])
+    search = inspect.signature(create_config_search_path)
+    assert list(search.parameters) == ["search_path_dir"]
+    # what hydra_multirun reads back from the jobs
+    from hydra.core.utils import JobReturn
+
+    assert isinstance(inspect.getattr_static(JobReturn, "return_value"), property)
+
+
+def _seed_and_batch(dict_cfg):
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(dict_cfg.seed), int(dict_cfg.batch_size), int(HydraConfig.get().job.num)
+
+
+def test_hydra_multirun_returns_every_job_in_order(tmp_path):
+    out = sweep.hydra_multirun(["seed=7,3", "batch_size=5", f"results_dir={tmp_path}", "hydra/launcher=basic"],
+                               _seed_and_batch)
+    assert out == [(7, 5, 0), (3, 5, 1)]
+    assert not GlobalHydra.instance().is_initialized()
+    assert (tmp_path / "default" / ".hydra" / "multirun.yaml").is_file()  # Hydra's files stay in the experiment
+
+
+def test_hydra_multirun_turns_hydra_errors_into_user_errors(tmp_path):
+    with pytest.raises(UserError, match=r"unknown norm 'nope'; valid: .*bn.*ln"):
+        sweep.hydra_multirun(["norm=bn,nope", f"results_dir={tmp_path}"], _seed_and_batch)
+    assert not GlobalHydra.instance().is_initialized()
+
+
+# ---- expansion and validation ----------------------------------------------------------------------------
+
+
+def test_plan_expands_the_grid(tmp_path, trained):
+    planned = sweep.plan(tiny(tmp_path, "norm=bn,ln", "batch_size=4,8", "seed=0,1"))
+    assert len(planned) == 8
+    assert [p.state for p in planned] == ["new"] * 8
+    assert all(p.error is None for p in planned)
+    combos = [(p.cfg.norm.name, p.cfg.batch_size, p.cfg.seed) for p in planned]
+    assert combos == list(itertools.product(["bn", "ln"], [4, 8], [0, 1]))
+    ids = [run_id(p.cfg) for p in planned]
+    assert len(set(ids)) == 8
+    assert all(p.cfg.model.width == 16 and p.cfg.data.num_train == 64 for p in planned)
+    assert "norm=ln" in planned[4].overrides and "batch_size=4" in planned[4].overrides
+    assert trained == [] and run_folders(tmp_path / "default") == []
+
+
+def test_plan_marks_invalid_combinations_and_goes_on(tmp_path):
+    planned = sweep.plan(tiny(tmp_path, "norm=in,bn", "seed=range(2)"))
+    assert [(p.state, p.cfg.seed if p.cfg else None) for p in planned] == \
+        [("invalid", None), ("invalid", None), ("new", 0), ("new", 1)]
+    for p in planned[:2]:
+        assert p.cfg is None
+        assert "instance norm" in p.error and "model=cnn" in p.error
+        assert "norm=in" in p.label
+    assert [[o for o in p.overrides if o.startswith("seed=")] for p in planned] == \
+        [["seed=0"], ["seed=1"], ["seed=0"], ["seed=1"]]
+    assert planned[2].cfg.norm.name == "bn" and planned[2].error is None
+
+
+def test_plan_marks_a_batch_larger_than_the_data_invalid(tmp_path):
+    planned = sweep.plan(tiny(tmp_path, "batch_size=16,128"))
+    assert [p.state for p in planned] == ["new", "invalid"]
+    assert "larger than the training set (64 samples)" in planned[1].error
+
+
+def test_quick_preset_expands_to_the_documented_grid(tmp_path, monkeypatch):
+    """2 models x 4 norms x 7 batch sizes x 2 seeds, expanded by Hydra's own sweeper (launch stubbed)."""
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.plugins.sweeper import Sweeper
+
+    def launch(self, job_overrides, initial_job_idx):
+        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=list(o))
+                for o in job_overrides]
+
+    monkeypatch.setattr(BasicLauncher, "launch", launch)
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: None)
+    jobs = sweep.plan(["experiment=quick", f"results_dir={tmp_path}"])
+    assert len(jobs) == 112
+
+    def value(job, key):
+        return next(o.split("=", 1)[1] for o in job if o.startswith(f"{key}="))
+
+    grid = [(value(j, "model"), value(j, "norm"), int(value(j, "batch_size")), int(value(j, "seed"))) for j in jobs]
+    assert len(set(grid)) == 112
+    assert set(grid) == set(itertools.product(["mlp", "cnn"], ["bn", "ln", "gn", "none"],
+                                              [2, 4, 8, 16, 32, 64, 128], [0, 1]))
+
+
+def test_quick_preset_composes_against_mnist_files(tmp_path):
+    """A slice of the preset, really composed and validated, on tiny MNIST idx files."""
+    import os
+
+    write_idx_dataset(Path(os.environ["NORMBENCH_DATA_DIR"]), n_train=100, n_test=20)
+    planned = sweep.plan(["experiment=quick", "model=mlp", "norm=ln", "batch_size=2,128", "seed=1",
+                          f"results_dir={tmp_path}"])
+    assert [p.state for p in planned] == ["new", "invalid"]
+    cfg = planned[0].cfg
+    assert (cfg.data.name, cfg.data.train_size, cfg.optim.name) == ("mnist", 4000, "sgd")
+    assert (cfg.model.name, cfg.norm.name, cfg.batch_size, cfg.seed) == ("mlp", "ln", 2, 1)
+    assert "larger than the training set (100 samples)" in planned[1].error
+
+
+def test_experiment_presets_set_their_top_level_keys(tmp_path):
+    quick = compose(["experiment=quick"])
+    assert (quick.name, quick.epochs, quick.lr, quick.eval.precise_bn_samples) == ("quick", 2, 0.05, 4000)
+    paper = compose(["experiment=ln_paper"])
+    assert (paper.name, paper.lr, paper.lr_scaling.value) == ("ln_paper", 1e-3, "none")
+    rnn = compose(["experiment=rnn"])
+    assert (rnn.name, rnn.epochs, rnn.lr_scaling.value) == ("rnn", 5, "sqrt")
+    assert compose(["experiment=quick", "epochs=5"]).epochs == 5  # the command line still wins
+    # the sweep's runs go to results/<preset name>
+    planned = sweep.plan(["experiment=quick", "model=mlp", "norm=ln", "batch_size=2", "seed=0", "data=synthetic",
+                          f"results_dir={tmp_path}"])
+    assert results.run_dir(planned[0].cfg).parent == tmp_path / "quick"
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+
+
+def test_resume_skips_finished_runs(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn,ln")
+    first = sweep.run(args)
+    assert first.trained == 2 and len(trained) == 2 and first.failures == []
+    folders = run_folders(tmp_path / "default")
+    assert [f.name for f in folders] == sorted(trained)
+    assert all(results.read_summary(f)["status"] == "completed" for f in folders)
+
+    again = sweep.run(args)
+    assert again.trained == 0 and len(trained) == 2
+    assert again.outcomes == []  # nothing to train: no training pass at all
+    assert [p.state for p in again.planned] == ["completed", "completed"]
+
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
+    assert dry.exit_code == 0, dry.output
+    assert "2 runs: 0 to train, 2 already done, 0 failed, 0 invalid" in dry.output
+
+    bn, ln = (f for f in folders if "-bn-" in f.name), (f for f in folders if "-ln-" in f.name)
+    bn, ln = next(bn), next(ln)
+    set_status(bn, "running")  # killed mid-run
+    assert [p.state for p in sweep.plan(args)] == ["running", "completed"]
+    trained.clear()
+    assert sweep.run(args).trained == 1 and trained == [bn.name]
+    assert results.read_summary(bn)["status"] == "completed"
+
+    set_status(bn, "failed")
+    set_status(ln, "diverged")
+    assert [p.state for p in sweep.plan(args)] == ["failed", "diverged"]
+    trained.clear()
+    skipped = sweep.run(args)
+    assert skipped.trained == 0 and trained == []
+    retried = sweep.run(args, retry_failed=True)
+    assert retried.trained == 2 and sorted(trained) == sorted([bn.name, ln.name])
+    assert retried.failures == []
+    assert [results.read_summary(f)["status"] for f in (bn, ln)] == ["completed", "completed"]
+
+
+def test_resume_ignores_a_folder_of_another_config(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn")
+    sweep.run(args)
+    (folder,) = run_folders(tmp_path / "default")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["config_hash"] = "0" * 12  # same folder name, different settings: not this run
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert [p.state for p in sweep.plan(args)] == ["new"]
+    (folder / "summary.json").write_text("{ not json")
+    assert [p.state for p in sweep.plan(args)] == ["new"]
+    trained.clear()
+    assert sweep.run(args).trained == 1 and trained == [folder.name]
+
+
+def test_interrupted_sweep_resumes_only_unfinished_runs(tmp_path, monkeypatch, trained):
+    real_fit = normbench.runner.fit
+    fits = []
+
+    def fit_then_killed(cfg, model, data, progress=None):
+        fits.append(run_id(cfg))
+        result = real_fit(cfg, model, data, progress)  # metrics.csv is on disk ...
+        if len(fits) == 3:
+            raise KeyboardInterrupt  # ... but the summary still says running
+        return result
+
+    monkeypatch.setattr(normbench.runner, "fit", fit_then_killed)
+    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(args)
+    assert len(trained) == 3
+    experiment = tmp_path / "default"
+    killed = experiment / trained[2]
+    assert results.read_summary(killed)["status"] == "running"
+    assert len(results.read_metrics(killed)) == 1  # complete-looking metrics, unfinished run
+
+    summaries, curves, warnings = results.scan(experiment)
+    assert sorted(s["run_id"] for s in summaries) == sorted(trained[:2])
+    assert trained[2] not in curves and warnings == []
+    assert all(s["status"] == "completed" for s in summaries)
+
+    planned = sweep.plan(args)
+    assert [p.state for p in planned] == ["completed", "completed", "running", "new"]
+    never_started = run_id(planned[3].cfg)
+    trained.clear()
+    outcome = sweep.run(args)
+    assert trained == [killed.name, never_started]
+    assert outcome.trained == 2 and outcome.failures == []
+    summaries, _, warnings = results.scan(experiment)
+    assert len(summaries) == 4 and warnings == []
+    assert {s["status"] for s in summaries} == {"completed"}
+
+
+# ---- failures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ln_fails(monkeypatch):
+    real_fit = normbench.runner.fit
+
+    def fit(cfg, model, data, progress=None):
+        if cfg.norm.name == "ln":
+            raise RuntimeError("injected failure in ln")
+        return real_fit(cfg, model, data, progress)
+
+    monkeypatch.setattr(normbench.runner, "fit", fit)
+    return real_fit
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path, ln_fails, trained):
+    outcome = sweep.run(tiny(tmp_path, "norm=ln,bn", "seed=0,1"))
+    assert len(trained) == 4 and outcome.trained == 4
+    ln_ids = [r for r in trained if "-ln-" in r]
+    assert len(ln_ids) == 2
+    assert outcome.failures == [(r, "RuntimeError: injected failure in ln") for r in ln_ids]
+    assert [o["status"] for o in outcome.outcomes] == ["failed", "failed", "completed", "completed"]
+    for rid in ln_ids:
+        summary = results.read_summary(tmp_path / "default" / rid)
+        assert summary["status"] == "failed"
+        assert summary["error"] == "RuntimeError: injected failure in ln"
+        assert "injected failure in ln" in summary["traceback"]
+        assert summary["final"] is None and summary["finished_at"]
+    summaries, _, warnings = results.scan(tmp_path / "default")
+    assert sorted(s["status"] for s in summaries) == ["completed", "completed", "failed", "failed"]
+
+
+def test_a_failure_left_from_an_earlier_sweep_is_still_reported(tmp_path, ln_fails):
+    args = tiny(tmp_path, "norm=ln")
+    first = sweep.run(args)
+    assert len(first.failures) == 1
+    rid = first.failures[0][0]
+    again = sweep.run(args)  # same command, nothing new to train
+    assert [p.state for p in again.planned] == ["failed"]
+    assert [what for what, _ in again.failures] == [rid]
+
+
+def test_cli_sweep_reports_failures_with_a_nonzero_exit(tmp_path, ln_fails, monkeypatch):
+    args = tiny(tmp_path, "norm=bn,ln")
+    result = CliRunner().invoke(app, ["sweep", *args])
+    assert result.exit_code == 1, result.output
+    ln_id = next(p.name for p in run_folders(tmp_path / "default") if "-ln-" in p.name)
+    assert "1 runs failed:" in result.output
+    assert f"{ln_id}: RuntimeError: injected failure in ln" in result.output
+    assert "trained 2" in result.output
+    experiment = tmp_path / "default"
+    assert (experiment / "report.md").is_file()  # the report is still built from the run that worked
+    assert json.loads((experiment / "sweeps.json").read_text())[-1]["failed"] == 1
+
+    monkeypatch.setattr(normbench.runner, "fit", ln_fails)  # fixed: retrying trains it again
+    result = CliRunner().invoke(app, ["sweep", "--retry-failed", *args])
+    assert result.exit_code == 0, result.output
+    assert results.read_summary(experiment / ln_id)["status"] == "completed"
+    assert "trained 1" in result.output
+
+
+# ---- --dry-run -------------------------------------------------------------------------------------------
+
+
+def test_dry_run_lists_runs_and_trains_nothing(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 4 to train, 0 already done, 0 failed, 0 invalid" in result.output
+    for p in sweep.plan(args):
+        assert run_id(p.cfg) in result.output
+    assert "norm=ln seed=1" in result.output  # the varying overrides of each run
+    assert trained == []
+    assert run_folders(tmp_path / "default") == []
+
+
+def test_dry_run_with_an_invalid_combination_exits_1(tmp_path, trained):
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny(tmp_path, "norm=bn,in")])
+    assert result.exit_code == 1, result.output
+    assert "invalid: norm 'in' (instance norm) is undefined on flat features" in result.output
+    assert "2 runs: 1 to train, 0 already done, 0 failed, 1 invalid" in result.output
+    assert trained == [] and run_folders(tmp_path / "default") == []
+
+
+# ---- --jobs ----------------------------------------------------------------------------------------------
+
+
+def test_jobs_2_runs_through_joblib(tmp_path):
+    outcome = sweep.run(tiny(tmp_path, "norm=bn,ln", "seed=0,1"), jobs=2)
+    assert [o["status"] for o in outcome.outcomes] == ["completed"] * 4
+    assert outcome.trained == 4 and outcome.failures == []
+    folders = run_folders(tmp_path / "default")
+    assert sorted(f.name for f in folders) == sorted(o["run_id"] for o in outcome.outcomes)
+    for folder in folders:
+        summary = results.read_summary(folder)
+        assert summary["status"] == "completed" and summary["final"]["test_acc"] >= 0
+        assert len(results.read_metrics(folder)) == 1
+    assert sweep.launcher_overrides(2) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    assert sweep.launcher_overrides(1) == []
