@@ -33,7 +33,7 @@ from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.runner import norm_factory
 from normbench.train import Progress, evaluate, evaluate_batch_stats, evaluate_precise, has_running_stats
-from normbench.train import make_optimizer, resolve_device, train_one_epoch
+from normbench.train import LrSchedule, make_optimizer, resolve_device, train_one_epoch
 
 MODEL_ARGS = {"mlp": [], "cnn": [], "resnet20": ["norm.num_groups=8"], "rnn": []}
 NORMS = ["bn", "ln", "gn", "in", "none"]
@@ -67,8 +67,9 @@ def bare_epoch(model, data: Data, batch_size: int, optimizer, generator) -> None
         optimizer.step()
 
 
-def normbench_epoch(model, data: Data, cfg, optimizer, scheduler, generators) -> None:
-    train_one_epoch(model, data, cfg, optimizer, scheduler, generators, Progress())
+def normbench_epoch(model, data: Data, cfg, optimizer, generators) -> None:
+    train_one_epoch(model, data, cfg, optimizer, LrSchedule(cfg, optimizer, len(data.train_y) // cfg.batch_size),
+                    0, generators, Progress())
 
 
 def data_epoch(data: Data, cfg, generators) -> None:
@@ -92,17 +93,15 @@ def bench_cell(model_name: str, norm: str, batch: int, device: torch.device, bud
     gens = (torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1))
     # Size the epoch so one measurement takes about `budget` seconds.
     opt = make_optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    per_step = timed(lambda: normbench_epoch(model, probe, cfg, opt, sched, gens), device) / 5
+    per_step = timed(lambda: normbench_epoch(model, probe, cfg, opt, gens), device) / 5
     steps = max(10, min(2000, int(budget / max(per_step, 1e-6))))
     data = make_data(cfg, steps, device)
 
     ours_model, bare_model = copy.deepcopy(model), copy.deepcopy(model)
     ours_opt, bare_opt = make_optimizer(cfg, ours_model), make_optimizer(cfg, bare_model)
-    ours_sched = torch.optim.lr_scheduler.LambdaLR(ours_opt, lambda s: 1.0)
     ours, bare, dat = [], [], []
     for _ in range(repeats):  # alternate, so load changes hit both loops
-        ours.append(timed(lambda: normbench_epoch(ours_model, data, cfg, ours_opt, ours_sched, gens), device))
+        ours.append(timed(lambda: normbench_epoch(ours_model, data, cfg, ours_opt, gens), device))
         bare.append(timed(lambda: bare_epoch(bare_model, data, batch, bare_opt, gens[0]), device))
         dat.append(timed(lambda: data_epoch(data, cfg, gens), device))
     t_ours, t_bare, t_data = (statistics.median(v) for v in (ours, bare, dat))
@@ -110,7 +109,7 @@ def bench_cell(model_name: str, norm: str, batch: int, device: torch.device, bud
     def evaluations():
         evaluate(ours_model, data.test_x, data.test_y, cfg.eval_batch_size)
         if has_running_stats(ours_model):
-            evaluate_batch_stats(ours_model, data.test_x, data.test_y, batch)
+            evaluate_batch_stats(ours_model, data.test_x, data.test_y, batch, cfg.eval_batch_size)
             evaluate_precise(ours_model, data, cfg)
 
     t_eval = timed(evaluations, device)

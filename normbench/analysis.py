@@ -17,9 +17,11 @@ import math
 import numpy as np
 import pandas as pd
 
+from normbench.config import NOT_HASHED
+
 METRICS = ["test_acc", "test_acc_batch_stats", "test_acc_precise", "train_loss", "test_loss", "train_acc"]
 LABELLED = ("data", "model", "norm")
-NOT_CONDITIONS = {"seed", "name", "results_dir", "device", "data.root"}
+NOT_CONDITIONS = {"seed", *NOT_HASHED}  # settings that do not define a condition
 
 # Two-sided 95% quantiles of Student's t, df = 1..30.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

@@ -184,6 +184,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     eval_batch_size: int = 1000
     results_dir: str = "results"
+    checkpoint: bool = True  # save the training state after every epoch, to resume a killed run
+    keep_checkpoint: bool = False  # keep it once the run has finished
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -321,7 +323,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 # Settings that say where things go or how they are shown, not what is computed.
-NOT_HASHED = ("name", "results_dir", "device", "data.root")
+NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_checkpoint")
 
 
 def config_hash(cfg: Config) -> str:

@@ -196,14 +196,23 @@ def augment_batch(x: torch.Tensor, flip: bool, generator: torch.Generator, pad: 
     return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def epoch_order(data: Data, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """This epoch's sample order: a seeded permutation (drawn on the CPU, so the same on every device),
+    cut to whole batches: the last incomplete batch is dropped."""
+    n = len(data.train_y)
+    return torch.randperm(n, generator=generator)[: n - n % batch_size].to(data.train_x.device)
+
+
+def get_batch(data: Data, idx: torch.Tensor, aug_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = data.train_x[idx]
+    if data.augment:
+        x = augment_batch(x, data.flip, aug_generator)
+    return x, data.train_y[idx]
+
+
 def train_batches(data: Data, batch_size: int, generator: torch.Generator,
                   aug_generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of training batches; the last incomplete batch is dropped."""
-    n = len(data.train_y)
-    perm = torch.randperm(n, generator=generator).to(data.train_x.device)
-    for start in range(0, n - batch_size + 1, batch_size):
-        idx = perm[start: start + batch_size]
-        x = data.train_x[idx]
-        if data.augment:
-            x = augment_batch(x, data.flip, aug_generator)
-        yield x, data.train_y[idx]
+    order = epoch_order(data, batch_size, generator)
+    for start in range(0, len(order), batch_size):
+        yield get_batch(data, order[start: start + batch_size], aug_generator)

@@ -188,3 +188,32 @@ def read_sweeps(experiment: Path) -> list[dict]:
 def record_sweep(experiment: Path, entry: dict) -> None:
     """Append one sweep invocation (command, timing, counts) to <experiment>/sweeps.json."""
     atomic_write(experiment / "sweeps.json", json.dumps(read_sweeps(experiment) + [entry], indent=2) + "\n")
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """The training state after an epoch (see train.fit), atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(folder / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    """The last epoch's training state, or None. Loaded with weights_only: a checkpoint cannot run code."""
+    import torch
+
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint means: start the run again
+        return None
+
+
+def remove_checkpoint(folder: Path) -> None:
+    (folder / CHECKPOINT).unlink(missing_ok=True)

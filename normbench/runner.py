@@ -43,8 +43,9 @@ def norm_factory(cfg: Config) -> NormFactory:
 class _SaveEachEpoch(Progress):
     """Passes progress on and rewrites metrics.csv after every epoch, so a long run shows its curve."""
 
-    def __init__(self, inner: Progress, folder: Path):
-        self.inner, self.folder, self.records = inner, folder, []
+    def __init__(self, inner: Progress, folder: Path, resume: dict | None = None):
+        self.inner, self.folder = inner, folder
+        self.records = [EpochRecord(**r) for r in resume["records"]] if resume else []
 
     def run_start(self, name: str, epochs: int, batch_size: int) -> None:
         self.inner.run_start(name, epochs, batch_size)
@@ -104,22 +105,44 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     return data, model
 
 
+def _resume_state(folder: Path, cfg: Config) -> dict | None:
+    """The checkpoint of an unfinished run of this same config, if there is one."""
+    summary = results.read_summary(folder)
+    if summary is None or summary.get("config_hash") != config_hash(cfg) or summary.get("status") != "running":
+        return None
+    state = results.load_checkpoint(folder)
+    return state if state is not None and state.get("config_hash") == config_hash(cfg) else None
+
+
 def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
-    """Run one config and write its folder. User errors are raised before anything is written."""
+    """Run one config and write its folder. User errors are raised before anything is written.
+
+    After every epoch a checkpoint is saved; a run that was killed continues from its last epoch
+    when it is started again, with the same results as if it had never stopped.
+    """
     folder = results.run_dir(cfg)
     device = resolve_device(cfg.device)
     data, model = prepare(cfg, device)
     params = count_parameters(model)
+    resume = _resume_state(folder, cfg)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    results.write_config(folder, cfg)
-    results.write_summary(folder, summarize(cfg, None, "running", seconds=0, params=params, device=device,
-                                            started=started))
+    if resume is None:
+        results.remove_checkpoint(folder)
+        results.write_config(folder, cfg)
+        results.write_summary(folder, summarize(cfg, None, "running", seconds=0, params=params, device=device,
+                                                started=started))
     progress = progress or Progress()
     progress.run_start(folder.name, cfg.epochs, cfg.batch_size)
     t0 = time.perf_counter()
     fitted = None
+
+    def checkpoint(state: dict) -> None:
+        if cfg.checkpoint:
+            results.save_checkpoint(folder, {**state, "config_hash": config_hash(cfg)})
+
     try:
-        fitted = fit(cfg, model, data, _SaveEachEpoch(progress, folder))
+        fitted = fit(cfg, model, data, _SaveEachEpoch(progress, folder, resume), resume=resume,
+                     on_epoch_end=checkpoint)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         results.write_summary(folder, summarize(cfg, fitted, "failed", seconds=time.perf_counter() - t0,
@@ -130,4 +153,6 @@ def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
     summary = summarize(cfg, fitted, fitted.status, seconds=time.perf_counter() - t0, params=params,
                         device=device, started=started)
     results.write_summary(folder, summary)
+    if not cfg.keep_checkpoint:
+        results.remove_checkpoint(folder)
     return RunResult(folder, summary)

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normbench.config import Config, effective_lr
-from normbench.data import Data, train_batches
+from normbench.data import Data, epoch_order, get_batch
 from normbench.norms import RecurrentBatchNorm
 
 REFRESH_SECONDS = 0.5  # how often the loop reads the loss back: progress display and divergence check
@@ -127,35 +127,56 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss.item() / len(y), 100.0 * correct.item() / len(y)
 
 
+def _ghost_norm(x: torch.Tensor, group: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                batch_dim: int = 0) -> torch.Tensor:
+    """Batch norm with statistics over each run of `group` consecutive samples (biased variance)."""
+    shape = x.shape
+    n, c = shape[batch_dim], shape[batch_dim + 1]
+    xg = x.reshape(*shape[:batch_dim], n // group, group, *shape[batch_dim + 1:])
+    dims = tuple(d for d in range(xg.dim()) if d > batch_dim and d != batch_dim + 2)  # batch and H x W
+    mean = xg.mean(dims, keepdim=True)
+    var = xg.var(dims, unbiased=False, keepdim=True)
+    affine = (c,) + (1,) * (xg.dim() - batch_dim - 3)
+    out = (xg - mean) * torch.rsqrt(var + eps) * weight.view(affine) + bias.view(affine)
+    return out.reshape(shape)
+
+
 @contextmanager
-def batch_statistics(model: nn.Module):
-    """BN layers normalize each batch with its own statistics and leave the running averages untouched."""
+def batch_statistics(model: nn.Module, group: int):
+    """BN layers normalize each run of `group` samples with its own statistics, like a train-mode
+    forward at batch size `group`, and leave the running averages untouched. One forward of many
+    groups replaces many small forwards."""
     bns = [m for m in model.modules() if is_batch_norm(m)]
-    saved = [(m.training, m.track_running_stats) for m in bns]
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     for m in bns:
-        m.train()
-        m.track_running_stats = False
+        if isinstance(m, RecurrentBatchNorm):  # (N, C) at a step, or (T, N, C) for a whole sequence
+            m.forward = lambda x, t=None, m=m: _ghost_norm(x, group, m.weight, m.bias, m.eps, x.dim() - 2)
+        else:
+            m.forward = lambda x, m=m: _ghost_norm(x, group, m.weight, m.bias, m.eps)
     try:
         yield
     finally:
-        for m, (training, track) in zip(bns, saved):
-            m.train(training)
-            m.track_running_stats = track
+        for m in bns:
+            del m.forward  # back to the class's forward
+        for m, training in modes:
+            m.training = training
 
 
 @torch.inference_mode()
-def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Accuracy (percent) with BN in train mode at the training batch size.
+def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                         eval_batch_size: int = 1024) -> float:
+    """Accuracy (percent) with BN normalizing each test batch of `batch_size` with its own statistics.
 
-    The test set is cut into batches of exactly `batch_size`; the last one is filled
-    up with samples from the start, which are not counted twice.
+    The test set is cut into batches of exactly `batch_size`; the last one is filled up
+    with samples from the start, which are not counted twice.
     """
     n = len(y)
     padded = torch.arange(math.ceil(n / batch_size) * batch_size, device=x.device) % n
+    chunk = max(1, eval_batch_size // batch_size) * batch_size  # whole batches per forward
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    with batch_statistics(model):
-        for s in _chunks(len(padded), batch_size):
+    with batch_statistics(model, batch_size):
+        for s in _chunks(len(padded), chunk):
             idx = padded[s]
             hit = model(x[idx]).argmax(1) == y[idx]
             correct += hit[: max(0, min(s.stop, n) - s.start)].sum()
@@ -199,75 +220,123 @@ def evaluate_precise(model: nn.Module, data: Data, cfg: Config) -> float:
         return evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size)[1]
 
 
-def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, generators: tuple[torch.Generator, ...],
-                    progress: Progress) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One pass over the training set. Returns per-step losses, the correct count, and steps taken.
+class LrSchedule:
+    """Sets the lr of each step: the effective lr times `lr_factor`. Writes nothing when it is constant."""
 
-    Stops early when the loss stops being finite; the caller finds the step in the losses.
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+        self.cfg, self.optimizer, self.steps_per_epoch = cfg, optimizer, steps_per_epoch
+        self.total = steps_per_epoch * cfg.epochs
+        self.base = effective_lr(cfg)
+        self.constant = cfg.optim.schedule.value == "constant" and cfg.optim.warmup_epochs == 0
+
+    def lr(self, step: int) -> float:
+        return self.base * lr_factor(self.cfg, step, self.total, self.steps_per_epoch)
+
+    def apply(self, step: int) -> None:
+        if not self.constant:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr(step)
+
+
+@dataclass
+class EpochResult:
+    losses: torch.Tensor  # (steps done,) on the device
+    correct: int
+    steps: int
+
+
+def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.optim.Optimizer,
+                    schedule: LrSchedule, step: int, generators: tuple[torch.Generator, torch.Generator],
+                    progress: Progress) -> EpochResult:
+    """One pass over the training set, starting at global step `step`.
+
+    Per step this adds one kernel to a bare loop (the argmax for train accuracy) and no
+    read-back; losses are read a few times a second, which also stops a diverged epoch early.
     """
     model.train()
-    steps = len(data.train_y) // cfg.batch_size
-    losses = torch.full((steps,), float("nan"), device=data.train_x.device)
-    correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
-    next_refresh, done = time.monotonic() + REFRESH_SECONDS, 0
-    for i, (x, y) in enumerate(train_batches(data, cfg.batch_size, *generators)):
+    order = epoch_order(data, cfg.batch_size, generators[0])  # (steps * B,)
+    losses, predictions = [], []
+    next_refresh, loss_sum, checked = time.monotonic() + REFRESH_SECONDS, 0.0, 0
+    for start in range(0, len(order), cfg.batch_size):
+        x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
+        schedule.apply(step + len(losses))
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
-        losses[i] = loss.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
-        done = i + 1
-        if time.monotonic() >= next_refresh:  # the only read-back: a few times a second
-            seen = losses[:done]
-            if not torch.isfinite(seen).all():
+        losses.append(loss.detach())
+        predictions.append(logits.detach().argmax(1))
+        if time.monotonic() >= next_refresh:  # the only read-back
+            recent = torch.stack(losses[checked:])
+            loss_sum, checked = loss_sum + recent.sum().item(), len(losses)
+            if not math.isfinite(loss_sum):
                 break
-            progress.update(done, seen.mean().item())
+            progress.update(len(losses), loss_sum / checked)
             next_refresh = time.monotonic() + REFRESH_SECONDS
-    return losses[:done], correct, done
+    done = len(losses)
+    hits = torch.cat(predictions) == data.train_y[order[: done * cfg.batch_size]]
+    return EpochResult(torch.stack(losses), int(hits.sum()), done)
 
 
-def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = None) -> FitResult:
-    """Train for cfg.epochs, evaluating after each epoch. Returns one record per epoch."""
+def _nan_record(epoch: int, step: int, lr: float, seconds: float) -> EpochRecord:
+    nan = float("nan")
+    return EpochRecord(epoch, step, lr, nan, nan, nan, nan, nan, nan, seconds, nan)
+
+
+def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = None,
+        resume: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+    """Train for cfg.epochs, evaluating after each epoch. Returns one record per epoch.
+
+    `resume` is a state from `on_epoch_end` (model, optimizer, generators, records): training
+    continues after that epoch exactly as if it had never stopped.
+    """
     progress = progress or Progress()
-    device = data.train_x.device
     steps_per_epoch = len(data.train_y) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch))
+    schedule = LrSchedule(cfg, optimizer, steps_per_epoch)
     generators = (torch.Generator().manual_seed(cfg.seed),  # data order, on the CPU: the same on every device
-                  torch.Generator(device).manual_seed(cfg.seed + 1_000_003))  # augmentation
+                  torch.Generator(data.train_x.device).manual_seed(cfg.seed + 1_000_003))  # augmentation
+    result = FitResult(steps_per_epoch=steps_per_epoch)
+    first_epoch, step, elapsed = 1, 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for g, state in zip(generators, resume["generators"]):
+            g.set_state(state)
+        result.records = [EpochRecord(**r) for r in resume["records"]]
+        first_epoch, step, elapsed = resume["epoch"] + 1, resume["step"], resume["seconds"]
     bn = has_running_stats(model)
     batch_norm_anywhere = any(is_batch_norm(m) for m in model.modules())
-    result = FitResult(steps_per_epoch=steps_per_epoch)
-    start, step = time.perf_counter(), 0
-    for epoch in range(1, cfg.epochs + 1):
+    start = time.perf_counter() - elapsed
+    for epoch in range(first_epoch, cfg.epochs + 1):
         progress.epoch_start(epoch, steps_per_epoch)
         t0 = time.perf_counter()
-        losses, correct, done = train_one_epoch(model, data, cfg, optimizer, scheduler, generators, progress)
+        ep = train_one_epoch(model, data, cfg, optimizer, schedule, step, generators, progress)
         train_seconds = time.perf_counter() - t0
-        finite = torch.isfinite(losses)
-        nan = float("nan")
+        finite = torch.isfinite(ep.losses)
         if not finite.all():
             result.status = "diverged"
             result.diverged_step = step + int((~finite).nonzero()[0]) + 1
-            result.records.append(EpochRecord(epoch, result.diverged_step, optimizer.param_groups[0]["lr"],
-                                              nan, nan, nan, nan, nan, nan, time.perf_counter() - start, nan))
+            result.records.append(_nan_record(epoch, result.diverged_step, schedule.lr(result.diverged_step),
+                                              time.perf_counter() - start))
             break
-        step += done
+        step += ep.steps
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size)
+        nan = float("nan")
         record = EpochRecord(
-            epoch=epoch, step=step, lr=optimizer.param_groups[0]["lr"],
-            train_loss=losses.mean().item(), train_acc=100.0 * correct.item() / (done * cfg.batch_size),
+            epoch=epoch, step=step, lr=schedule.lr(step),
+            train_loss=ep.losses.mean().item(), train_acc=100.0 * ep.correct / (ep.steps * cfg.batch_size),
             test_loss=test_loss, test_acc=test_acc,
-            test_acc_batch_stats=(evaluate_batch_stats(model, data.test_x, data.test_y, cfg.batch_size)
+            test_acc_batch_stats=(evaluate_batch_stats(model, data.test_x, data.test_y, cfg.batch_size,
+                                                       cfg.eval_batch_size)
                                   if batch_norm_anywhere and cfg.eval.batch_stats else nan),
             test_acc_precise=evaluate_precise(model, data, cfg) if bn and cfg.eval.precise_bn else nan,
-            seconds=time.perf_counter() - start, samples_per_s=done * cfg.batch_size / train_seconds)
+            seconds=time.perf_counter() - start, samples_per_s=ep.steps * cfg.batch_size / train_seconds)
         result.records.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch, "step": step, "seconds": record.seconds,
+                          "records": [asdict(r) for r in result.records], "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators]})
         progress.epoch_end(record)
     return result

@@ -138,7 +138,7 @@ def test_plan_marks_a_batch_larger_than_the_data_invalid(tmp_path):
 
 
 def test_quick_preset_expands_to_the_documented_grid(tmp_path, monkeypatch):
-    """2 models x 4 norms x 7 batch sizes x 2 seeds, expanded by Hydra's own sweeper (launch stubbed)."""
+    """MLP: 4 norms x 7 batch sizes, CNN: 2 norms x 3 batch sizes, 3 seeds each (launch stubbed)."""
     from hydra._internal.core_plugins.basic_launcher import BasicLauncher
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.plugins.sweeper import Sweeper
@@ -150,234 +150,44 @@ def test_quick_preset_expands_to_the_documented_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(BasicLauncher, "launch", launch)
     monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: None)
     jobs = sweep.plan(["experiment=quick", f"results_dir={tmp_path}"])
-    assert len(jobs) == 112
+    assert len(jobs) == 102
 
     def value(job, key):
         return next(o.split("=", 1)[1] for o in job if o.startswith(f"{key}="))
 
     grid = [(value(j, "model"), value(j, "norm"), int(value(j, "batch_size")), int(value(j, "seed"))) for j in jobs]
-    assert len(set(grid)) == 112
-    assert set(grid) == set(itertools.product(["mlp", "cnn"], ["bn", "ln", "gn", "none"],
-                                              [2, 4, 8, 16, 32, 64, 128], [0, 1]))
+    assert len(set(grid)) == 102
+    assert set(grid) == (set(itertools.product(["mlp"], ["bn", "ln", "gn", "none"], [2, 4, 8, 16, 32, 64, 128],
+                                               [0, 1, 2]))
+                         | set(itertools.product(["cnn"], ["bn", "gn"], [2, 8, 32], [0, 1, 2])))
 
 
-def test_quick_preset_composes_against_mnist_files(tmp_path):
-    """A slice of the preset, really composed and validated, on tiny MNIST idx files."""
-    import os
+def _stub_launch(monkeypatch):
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.plugins.sweeper import Sweeper
 
-    write_idx_dataset(Path(os.environ["NORMBENCH_DATA_DIR"]), n_train=100, n_test=20)
-    planned = sweep.plan(["experiment=quick", "model=mlp", "norm=ln", "batch_size=2,128", "seed=1",
-                          f"results_dir={tmp_path}"])
-    assert [p.state for p in planned] == ["new", "invalid"]
-    cfg = planned[0].cfg
-    assert (cfg.data.name, cfg.data.train_size, cfg.optim.name) == ("mnist", 4000, "sgd")
-    assert (cfg.model.name, cfg.norm.name, cfg.batch_size, cfg.seed) == ("mlp", "ln", 2, 1)
-    assert "larger than the training set (100 samples)" in planned[1].error
+    def launch(self, job_overrides, initial_job_idx):
+        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=sorted(o))
+                for o in job_overrides]
 
-
-def test_experiment_presets_set_their_top_level_keys(tmp_path):
-    quick = compose(["experiment=quick"])
-    assert (quick.name, quick.epochs, quick.lr, quick.eval.precise_bn_samples) == ("quick", 2, 0.05, 4000)
-    paper = compose(["experiment=ln_paper"])
-    assert (paper.name, paper.lr, paper.lr_scaling.value) == ("ln_paper", 1e-3, "none")
-    rnn = compose(["experiment=rnn"])
-    assert (rnn.name, rnn.epochs, rnn.lr_scaling.value) == ("rnn", 5, "sqrt")
-    assert compose(["experiment=quick", "epochs=5"]).epochs == 5  # the command line still wins
-    # the sweep's runs go to results/<preset name>
-    planned = sweep.plan(["experiment=quick", "model=mlp", "norm=ln", "batch_size=2", "seed=0", "data=synthetic",
-                          f"results_dir={tmp_path}"])
-    assert results.run_dir(planned[0].cfg).parent == tmp_path / "quick"
+    monkeypatch.setattr(BasicLauncher, "launch", launch)
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: None)
 
 
-# ---- resume ----------------------------------------------------------------------------------------------
-
-
-def test_resume_skips_finished_runs(tmp_path, trained):
-    args = tiny(tmp_path, "norm=bn,ln")
-    first = sweep.run(args)
-    assert first.trained == 2 and len(trained) == 2 and first.failures == []
-    folders = run_folders(tmp_path / "default")
-    assert [f.name for f in folders] == sorted(trained)
-    assert all(results.read_summary(f)["status"] == "completed" for f in folders)
-
-    again = sweep.run(args)
-    assert again.trained == 0 and len(trained) == 2
-    assert again.outcomes == []  # nothing to train: no training pass at all
-    assert [p.state for p in again.planned] == ["completed", "completed"]
-
-    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
-    assert dry.exit_code == 0, dry.output
-    assert "2 runs: 0 to train, 2 already done, 0 failed, 0 invalid" in dry.output
-
-    bn, ln = (f for f in folders if "-bn-" in f.name), (f for f in folders if "-ln-" in f.name)
-    bn, ln = next(bn), next(ln)
-    set_status(bn, "running")  # killed mid-run
-    assert [p.state for p in sweep.plan(args)] == ["running", "completed"]
-    trained.clear()
-    assert sweep.run(args).trained == 1 and trained == [bn.name]
-    assert results.read_summary(bn)["status"] == "completed"
-
-    set_status(bn, "failed")
-    set_status(ln, "diverged")
-    assert [p.state for p in sweep.plan(args)] == ["failed", "diverged"]
-    trained.clear()
-    skipped = sweep.run(args)
-    assert skipped.trained == 0 and trained == []
-    retried = sweep.run(args, retry_failed=True)
-    assert retried.trained == 2 and sorted(trained) == sorted([bn.name, ln.name])
-    assert retried.failures == []
-    assert [results.read_summary(f)["status"] for f in (bn, ln)] == ["completed", "completed"]
-
-
-def test_resume_ignores_a_folder_of_another_config(tmp_path, trained):
-    args = tiny(tmp_path, "norm=bn")
-    sweep.run(args)
-    (folder,) = run_folders(tmp_path / "default")
-    summary = json.loads((folder / "summary.json").read_text())
-    summary["config_hash"] = "0" * 12  # same folder name, different settings: not this run
-    (folder / "summary.json").write_text(json.dumps(summary))
-    assert [p.state for p in sweep.plan(args)] == ["new"]
-    (folder / "summary.json").write_text("{ not json")
-    assert [p.state for p in sweep.plan(args)] == ["new"]
-    trained.clear()
-    assert sweep.run(args).trained == 1 and trained == [folder.name]
-
-
-def test_interrupted_sweep_resumes_only_unfinished_runs(tmp_path, monkeypatch, trained):
-    real_fit = normbench.runner.fit
-    fits = []
-
-    def fit_then_killed(cfg, model, data, progress=None):
-        fits.append(run_id(cfg))
-        result = real_fit(cfg, model, data, progress)  # metrics.csv is on disk ...
-        if len(fits) == 3:
-            raise KeyboardInterrupt  # ... but the summary still says running
-        return result
-
-    monkeypatch.setattr(normbench.runner, "fit", fit_then_killed)
-    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run(args)
-    assert len(trained) == 3
-    experiment = tmp_path / "default"
-    killed = experiment / trained[2]
-    assert results.read_summary(killed)["status"] == "running"
-    assert len(results.read_metrics(killed)) == 1  # complete-looking metrics, unfinished run
-
-    summaries, curves, warnings = results.scan(experiment)
-    assert sorted(s["run_id"] for s in summaries) == sorted(trained[:2])
-    assert trained[2] not in curves and warnings == []
-    assert all(s["status"] == "completed" for s in summaries)
-
-    planned = sweep.plan(args)
-    assert [p.state for p in planned] == ["completed", "completed", "running", "new"]
-    never_started = run_id(planned[3].cfg)
-    trained.clear()
-    outcome = sweep.run(args)
-    assert trained == [killed.name, never_started]
-    assert outcome.trained == 2 and outcome.failures == []
-    summaries, _, warnings = results.scan(experiment)
-    assert len(summaries) == 4 and warnings == []
-    assert {s["status"] for s in summaries} == {"completed"}
-
-
-# ---- failures --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ln_fails(monkeypatch):
-    real_fit = normbench.runner.fit
-
-    def fit(cfg, model, data, progress=None):
-        if cfg.norm.name == "ln":
-            raise RuntimeError("injected failure in ln")
-        return real_fit(cfg, model, data, progress)
-
-    monkeypatch.setattr(normbench.runner, "fit", fit)
-    return real_fit
-
-
-def test_a_failed_run_does_not_stop_the_sweep(tmp_path, ln_fails, trained):
-    outcome = sweep.run(tiny(tmp_path, "norm=ln,bn", "seed=0,1"))
-    assert len(trained) == 4 and outcome.trained == 4
-    ln_ids = [r for r in trained if "-ln-" in r]
-    assert len(ln_ids) == 2
-    assert outcome.failures == [(r, "RuntimeError: injected failure in ln") for r in ln_ids]
-    assert [o["status"] for o in outcome.outcomes] == ["failed", "failed", "completed", "completed"]
-    for rid in ln_ids:
-        summary = results.read_summary(tmp_path / "default" / rid)
-        assert summary["status"] == "failed"
-        assert summary["error"] == "RuntimeError: injected failure in ln"
-        assert "injected failure in ln" in summary["traceback"]
-        assert summary["final"] is None and summary["finished_at"]
-    summaries, _, warnings = results.scan(tmp_path / "default")
-    assert sorted(s["status"] for s in summaries) == ["completed", "completed", "failed", "failed"]
-
-
-def test_a_failure_left_from_an_earlier_sweep_is_still_reported(tmp_path, ln_fails):
-    args = tiny(tmp_path, "norm=ln")
-    first = sweep.run(args)
-    assert len(first.failures) == 1
-    rid = first.failures[0][0]
-    again = sweep.run(args)  # same command, nothing new to train
-    assert [p.state for p in again.planned] == ["failed"]
-    assert [what for what, _ in again.failures] == [rid]
-
-
-def test_cli_sweep_reports_failures_with_a_nonzero_exit(tmp_path, ln_fails, monkeypatch):
-    args = tiny(tmp_path, "norm=bn,ln")
-    result = CliRunner().invoke(app, ["sweep", *args])
-    assert result.exit_code == 1, result.output
-    ln_id = next(p.name for p in run_folders(tmp_path / "default") if "-ln-" in p.name)
-    assert "1 runs failed:" in result.output
-    assert f"{ln_id}: RuntimeError: injected failure in ln" in result.output
-    assert "trained 2" in result.output
-    experiment = tmp_path / "default"
-    assert (experiment / "report.md").is_file()  # the report is still built from the run that worked
-    assert json.loads((experiment / "sweeps.json").read_text())[-1]["failed"] == 1
-
-    monkeypatch.setattr(normbench.runner, "fit", ln_fails)  # fixed: retrying trains it again
-    result = CliRunner().invoke(app, ["sweep", "--retry-failed", *args])
-    assert result.exit_code == 0, result.output
-    assert results.read_summary(experiment / ln_id)["status"] == "completed"
-    assert "trained 1" in result.output
-
-
-# ---- --dry-run -------------------------------------------------------------------------------------------
-
-
-def test_dry_run_lists_runs_and_trains_nothing(tmp_path, trained):
-    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
-    result = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
-    assert result.exit_code == 0, result.output
-    assert "4 runs: 4 to train, 0 already done, 0 failed, 0 invalid" in result.output
-    for p in sweep.plan(args):
-        assert run_id(p.cfg) in result.output
-    assert "norm=ln seed=1" in result.output  # the varying overrides of each run
-    assert trained == []
-    assert run_folders(tmp_path / "default") == []
-
-
-def test_dry_run_with_an_invalid_combination_exits_1(tmp_path, trained):
-    result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny(tmp_path, "norm=bn,in")])
-    assert result.exit_code == 1, result.output
-    assert "invalid: norm 'in' (instance norm) is undefined on flat features" in result.output
-    assert "2 runs: 1 to train, 0 already done, 0 failed, 1 invalid" in result.output
-    assert trained == [] and run_folders(tmp_path / "default") == []
-
-
-# ---- --jobs ----------------------------------------------------------------------------------------------
-
-
-def test_jobs_2_runs_through_joblib(tmp_path):
-    outcome = sweep.run(tiny(tmp_path, "norm=bn,ln", "seed=0,1"), jobs=2)
-    assert [o["status"] for o in outcome.outcomes] == ["completed"] * 4
-    assert outcome.trained == 4 and outcome.failures == []
-    folders = run_folders(tmp_path / "default")
-    assert sorted(f.name for f in folders) == sorted(o["run_id"] for o in outcome.outcomes)
-    for folder in folders:
-        summary = results.read_summary(folder)
-        assert summary["status"] == "completed" and summary["final"]["test_acc"] >= 0
-        assert len(results.read_metrics(folder)) == 1
-    assert sweep.launcher_overrides(2) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    assert sweep.launcher_overrides(1) == []
+def test_grids_sweeper_runs_the_union_once_and_the_command_line_wins(tmp_path, monkeypatch):
+    _stub_launch(monkeypatch)
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "g.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: grids\n"
+        "hydra:\n  sweeper:\n    params:\n      seed: 0,1\n    grids:\n"
+        "      - {norm: 'bn,ln', batch_size: '2,4'}\n"
+        "      - {norm: 'ln,gn', batch_size: '4'}\n")
+    base = ["experiment=g", f"results_dir={tmp_path / 'r'}"]
+    jobs = sweep.plan(base, config_dir=tmp_path)
+    keys = {tuple(sorted(o for o in j if o.split("=")[0] in ("norm", "batch_size", "seed"))) for j in jobs}
+    # (bn, ln) x (2, 4) plus (ln, gn) x 4: 4 + 2 conditions, (ln, 4) shared once; x 2 seeds
+    assert len(jobs) == 10 == len(keys)
+    narrowed = sweep.plan(base + ["seed=7"], config_dir=tmp_path)
+    assert len(narrowed) == 5 and all("seed=7" in j for j in narrowed)

@@ -119,10 +119,26 @@ def test_batch_statistics_context_restores_modes(results_dir):
     _, _, net = _trained_bn_mlp(results_dir)
     net.train()
     bn = net[2][0]
-    with batch_statistics(net):
-        assert bn.training and not bn.track_running_stats
+    with batch_statistics(net, 16):
+        assert "forward" in vars(bn)  # the ghost-batch forward
         assert not net[1].training
-    assert bn.training and bn.track_running_stats
+    assert "forward" not in vars(bn)
+    assert bn.training and bn.track_running_stats and net[1].training
+
+
+@pytest.mark.parametrize("norm", ["bn", "bn_shared"])
+def test_evaluate_batch_stats_matches_train_mode_forwards_in_the_rnn(results_dir, norm):
+    cfg, data, net = setup(results_dir, "rnn", norm)
+    x, y = data.test_x[:40], data.test_y[:40]
+    acc = evaluate_batch_stats(net, x, y, 8, eval_batch_size=16)
+    ref = copy.deepcopy(net)
+    for m in ref.modules():  # train-mode BN without touching its running averages
+        if hasattr(m, "track_running_stats"):
+            m.track_running_stats = False
+    ref.train()
+    with torch.no_grad():
+        hits = torch.cat([ref(x[s:s + 8]).argmax(1) == y[s:s + 8] for s in range(0, 40, 8)])
+    assert acc == pytest.approx(100.0 * hits.sum().item() / 40)
 
 
 def test_recomputed_statistics_are_population_statistics_and_restored(results_dir):

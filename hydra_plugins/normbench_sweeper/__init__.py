@@ -1,0 +1,1 @@
+"""normbench's Hydra sweeper plugin (Hydra finds plugins in the hydra_plugins namespace package)."""

@@ -1,0 +1,75 @@
+"""A killed run continues from its last checkpoint with exactly the metrics of an uninterrupted run."""
+
+import pandas as pd
+import pytest
+import torch
+
+from normbench import results, runner
+from normbench.config import compose
+from normbench.train import Progress
+
+from conftest import tiny_run_overrides
+
+TIMING = ["seconds", "samples_per_s"]
+
+
+class StopAfter(Progress):
+    """Simulates a kill right after epoch `epoch` was checkpointed."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def epoch_end(self, record) -> None:
+        if record.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def metrics(cfg) -> pd.DataFrame:
+    return results.read_metrics(results.run_dir(cfg)).drop(columns=TIMING)
+
+
+@pytest.mark.parametrize("model,norm", [("mlp", "bn"), ("cnn", "gn"), ("rnn", "bn")])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, model, norm):
+    extra = ["epochs=3", "optim.schedule=cosine", "data.augment=true"]
+    whole = compose([*tiny_run_overrides(tmp_path / "a", model, norm), *extra])
+    runner.execute(whole)
+
+    cut = compose([*tiny_run_overrides(tmp_path / "b", model, norm), *extra])
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(cut, StopAfter(2))
+    folder = results.run_dir(cut)
+    assert results.read_summary(folder)["status"] == "running"
+    assert torch.load(folder / results.CHECKPOINT, weights_only=True)["epoch"] == 2
+
+    trained = []
+    real_fit = runner.fit
+
+    def counting_fit(cfg, model_, data, progress=None, resume=None, on_epoch_end=None):
+        trained.append(resume["epoch"] if resume else 0)
+        return real_fit(cfg, model_, data, progress, resume, on_epoch_end)
+
+    runner.fit = counting_fit
+    try:
+        summary = runner.execute(cut).summary
+    finally:
+        runner.fit = real_fit
+    assert trained == [2]  # resumed after epoch 2, not from scratch
+    assert summary["status"] == "completed"
+    pd.testing.assert_frame_equal(metrics(cut), metrics(whole))
+    assert not (folder / results.CHECKPOINT).exists()  # removed once the run completed
+
+
+def test_keep_checkpoint_keeps_it(tmp_path):
+    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "keep_checkpoint=true"])
+    runner.execute(cfg)
+    state = torch.load(results.run_dir(cfg) / results.CHECKPOINT, weights_only=True)
+    assert state["epoch"] == cfg.epochs and state["config_hash"] == results.read_summary(results.run_dir(cfg))["config_hash"]
+
+
+def test_a_damaged_checkpoint_means_a_fresh_start(tmp_path):
+    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(cfg, StopAfter(1))
+    (results.run_dir(cfg) / results.CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert runner.execute(cfg).summary["status"] == "completed"
+    assert len(results.read_metrics(results.run_dir(cfg))) == 2
