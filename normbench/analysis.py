@@ -305,7 +305,9 @@ def _recovery(runs: pd.DataFrame, g: pd.DataFrame, where: dict, bn: str, small: 
             f"{_interval_words(precise, precise_h)}; normalizing each test batch with its own statistics "
             f"changes it by {_interval_words(batch, batch_h)}.")
     loss = row["drop"]
-    if np.isfinite(row.drop_ci95) and loss - row.drop_ci95 > 0:
-        share = 100 * precise / loss
-        text += f" Recomputed statistics recover {share:.0f}% of the {loss:.1f}-point loss."
+    degraded = np.isfinite(row["drop_ci95"]) and loss - row["drop_ci95"] > 0
+    if degraded and np.isfinite(precise_h) and precise - precise_h > 0:
+        text += f" Recomputed statistics recover {100 * precise / loss:.0f}% of the {loss:.1f}-point loss."
+    elif degraded:
+        text += f" No detectable part of the {loss:.1f}-point loss is recovered by recomputing the statistics."
     return [text]

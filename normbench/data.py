@@ -8,6 +8,7 @@ runs on whole batches on the device. There is no per-sample Python and no DataLo
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,25 +62,66 @@ def data_root(root: str | None) -> Path:
     return cache / "normbench" / "data"
 
 
-def _torchvision(cls, root: Path, where: str) -> tuple:
-    """Load both splits with torchvision, downloading and verifying if the files are missing."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: Path, expected: dict[str, str | None], root: Path) -> None:
+    """Refuse files whose checksum does not match: the official md5 where torchvision lists one,
+    and the SHA-256 of a SHA256SUMS list kept in the data root or beside the files."""
+    from torchvision.datasets.utils import check_integrity
+
+    for name, md5 in expected.items():
+        if md5 and not check_integrity(str(folder / name), md5):
+            raise DataError(f"{folder / name} does not match its official checksum: the file is corrupt or "
+                            "truncated. Delete it and download it again.")
+    for sums in (root / "SHA256SUMS", folder / "SHA256SUMS"):
+        if not sums.is_file():
+            continue
+        for line in sums.read_text().splitlines():
+            digest, _, name = line.strip().partition("  ")
+            if name in expected and _sha256(folder / name) != digest:
+                raise DataError(f"{folder / name} does not match its checksum in {sums}: the file is corrupt "
+                                "or truncated. Replace it.")
+
+
+def _torchvision(cls, root: Path, folder: Path, expected: dict[str, str | None]) -> tuple:
+    """Both splits through torchvision: verified when present, downloaded (and verified) when not."""
+    if all((folder / name).is_file() for name in expected):
+        verify_checksums(folder, expected, root)
+        try:
+            return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        except Exception as e:  # noqa: BLE001 - torchvision raises many kinds on a damaged file
+            raise DataError(f"{cls.__name__} files under {folder} cannot be read ({_first_line(e)}): "
+                            "they are corrupt or truncated. Replace them.") from e
     try:
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
-    except Exception as e:  # torchvision raises RuntimeError, URLError or OSError when offline
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{cls.__name__} files not found or not valid under {root / where}, and the download "
-                        f"failed ({reason}). Put the official files there, or point data.root "
-                        f"(or NORMBENCH_DATA_DIR) at a folder that holds them.") from e
+    except Exception as e:  # noqa: BLE001 - offline: RuntimeError, URLError or OSError
+        raise DataError(f"{cls.__name__} files not found under {folder}, and the download failed "
+                        f"({_first_line(e)}). Put the official files there, or point data.root "
+                        "(or NORMBENCH_DATA_DIR) at a folder that holds them.") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _idx_dataset(cls, root: Path) -> RawData:
-    train, test = _torchvision(cls, root, f"{cls.__name__}/raw")
+    folder = root / cls.__name__ / "raw"
+    expected = {Path(url).stem: None for url, _ in cls.resources}  # the uncompressed idx files
+    train, test = _torchvision(cls, root, folder, expected)
     return RawData(train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(),
                    num_classes=len(train.classes), flip=False)
 
 
 def _cifar(cls, root: Path) -> RawData:
-    train, test = _torchvision(cls, root, cls.base_folder)
+    expected = dict(cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])])
+    train, test = _torchvision(cls, root, root / cls.base_folder, expected)
 
     def images(ds):  # (N, H, W, C) numpy -> (N, C, H, W) tensor
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """Dataset files are missing, corrupt, or could not be downloaded."""
+
+
+class ResultsError(UserError):
+    """A result could not be written (disk full, no permission); what was written before is intact."""

@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from normbench.config import Config, run_id, to_dict
-from normbench.errors import UserError
+from normbench.errors import ResultsError, UserError
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                   "test_acc_batch_stats", "test_acc_precise", "seconds", "samples_per_s"]
@@ -37,17 +37,26 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` through a temp file and a rename: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to `path` through a temp file and a rename: all or nothing.
+
+    On a full disk or a permission error the old file (if any) stays as it was.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise ResultsError(f"could not write {path}: {e.strerror or e}; files already there are unchanged") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -101,6 +101,8 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     if len(data.train_y) < cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train_y)} samples)")
     model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
+    if device.type == "cuda" and cfg.perf.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)  # NHWC: faster conv kernels, same numbers
     results.check_writable(experiment)
     return data, model
 

@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from normbench import results
 from normbench.config import CONFIG_MODULE, Config, clean_hydra_error, config_hash, run_id, search_path_overrides
 from normbench.config import to_config
-from normbench.errors import UserError
+from normbench.errors import ResultsError, UserError
 from normbench.train import Progress
 
 FINISHED = ("completed", "diverged", "failed")
@@ -109,11 +109,14 @@ class _Train:
 
     retry_failed: bool = False
     threads: int | None = None
+    spread_gpus: bool = False  # local parallel jobs: job k trains on GPU k mod (number of GPUs)
 
     def __call__(self, dict_cfg) -> dict:
         from normbench.runner import execute
 
         cfg = to_config(dict_cfg)
+        if self.spread_gpus and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+            cfg.device = f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}"
         outcome = {"run_id": run_id(cfg), "status": run_state(cfg), "error": None}
         if not should_train(outcome["status"], self.retry_failed):
             previous = results.read_summary(results.run_dir(cfg)) or {}
@@ -124,6 +127,8 @@ class _Train:
         try:
             summary = execute(cfg, _display).summary
             outcome["status"] = summary["status"]
+        except ResultsError as e:
+            outcome.update(status="failed", error=str(e))
         except UserError as e:
             outcome.update(status="invalid", error=str(e))
         except Exception as e:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
@@ -209,7 +214,8 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
             watcher.start()
         _display = display if jobs <= 1 else None
         try:
-            outcome.outcomes = hydra_multirun(list(overrides) + launch, _Train(retry_failed, threads), config_dir)
+            task = _Train(retry_failed, threads, spread_gpus=jobs > 1)
+            outcome.outcomes = hydra_multirun(list(overrides) + launch, task, config_dir)
         finally:
             _display = None
             if watcher:

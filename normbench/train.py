@@ -15,6 +15,7 @@ counts accumulate on the device and are read at most a few times a second.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -245,23 +246,44 @@ class EpochResult:
     steps: int
 
 
+def autocast(cfg: Config, device: torch.device):
+    """The forward's precision context: bf16 autocast when asked for, else nothing."""
+    if cfg.perf.precision.value == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def compiled(cfg: Config, model: nn.Module) -> nn.Module:
+    """The module the training step calls: `model` itself, or its torch.compile'd version.
+
+    Evaluation always runs the plain module, whose BN layers it swaps and restores.
+    """
+    mode = cfg.perf.compile.value
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.optim.Optimizer,
                     schedule: LrSchedule, step: int, generators: tuple[torch.Generator, torch.Generator],
-                    progress: Progress) -> EpochResult:
+                    progress: Progress, step_model: nn.Module | None = None) -> EpochResult:
     """One pass over the training set, starting at global step `step`.
 
     Per step this adds one kernel to a bare loop (the argmax for train accuracy) and no
     read-back; losses are read a few times a second, which also stops a diverged epoch early.
     """
     model.train()
+    step_model = step_model or model
+    precision = autocast(cfg, data.train_x.device)
     order = epoch_order(data, cfg.batch_size, generators[0])  # (steps * B,)
     losses, predictions = [], []
     next_refresh, loss_sum, checked = time.monotonic() + REFRESH_SECONDS, 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
         x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
         schedule.apply(step + len(losses))
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with precision():
+            logits = step_model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -308,11 +330,12 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
         first_epoch, step, elapsed = resume["epoch"] + 1, resume["step"], resume["seconds"]
     bn = has_running_stats(model)
     batch_norm_anywhere = any(is_batch_norm(m) for m in model.modules())
+    step_model = compiled(cfg, model)
     start = time.perf_counter() - elapsed
     for epoch in range(first_epoch, cfg.epochs + 1):
         progress.epoch_start(epoch, steps_per_epoch)
         t0 = time.perf_counter()
-        ep = train_one_epoch(model, data, cfg, optimizer, schedule, step, generators, progress)
+        ep = train_one_epoch(model, data, cfg, optimizer, schedule, step, generators, progress, step_model)
         train_seconds = time.perf_counter() - t0
         finite = torch.isfinite(ep.losses)
         if not finite.all():

@@ -1,0 +1,89 @@
+"""A sweep killed with SIGKILL at several moments, then run again, gives the uninterrupted sweep's results."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from normbench import results
+
+SWEEP = ["data=synthetic", "data.num_train=1024", "data.num_test=64", "model=mlp", "model.width=32",
+         "norm=bn,ln", "batch_size=4,32", "seed=0", "epochs=3", "eval.precise_bn_samples=128"]
+TIMING = {"wall_seconds", "samples_per_s", "wall_seconds_mean", "seconds", "config.results_dir"}  # + location
+
+
+def sweep(results_dir: Path) -> subprocess.Popen:
+    code = "from normbench.cli import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, "sweep", *SWEEP, f"results_dir={results_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def statuses(experiment: Path) -> dict[str, str]:
+    out = {}
+    for folder in experiment.glob("*-s0-*"):
+        summary = results.read_summary(folder)
+        out[folder.name] = summary["status"] if summary else "none"
+    return out
+
+
+def kill_when(results_dir: Path, condition, timeout: float = 120) -> None:
+    proc = sweep(results_dir)
+    deadline = time.monotonic() + timeout
+    experiment = results_dir / "default"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if experiment.exists() and condition(experiment):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the sweep ended before the moment to kill it"
+    proc.kill()  # SIGKILL: no handler runs, no finally block
+    proc.wait()
+
+
+def first_epoch_running(experiment: Path) -> bool:
+    return any(s == "running" and not (experiment / rid / "metrics.csv").exists()
+               for rid, s in statuses(experiment).items())
+
+
+def checkpoint_written(experiment: Path) -> bool:
+    return any((experiment / rid / results.CHECKPOINT).exists() for rid, s in statuses(experiment).items()
+               if s == "running")
+
+
+def between_runs(experiment: Path) -> bool:
+    done = list(statuses(experiment).values())
+    return done.count("completed") >= 2
+
+
+def frame(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    return df.drop(columns=[c for c in df.columns if c in TIMING]).sort_values("run_id" if "run_id" in df
+                                                                               else list(df.columns[:4]))
+
+
+def test_sigkill_at_several_moments_then_rerun_equals_uninterrupted(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert sweep(reference).wait() == 0
+
+    for moment in (first_epoch_running, checkpoint_written, between_runs):
+        kill_when(killed, moment)
+    assert sweep(killed).wait() == 0
+
+    ref, got = reference / "default", killed / "default"
+    assert set(statuses(got).values()) == {"completed"} and len(statuses(got)) == 4
+    runs = pd.read_csv(got / "runs.csv")
+    assert runs.run_id.is_unique and len(runs) == 4
+    summary = pd.read_csv(got / "summary.csv")
+    assert not summary.duplicated(["model", "norm", "batch_size"]).any()
+    for table in ("runs.csv", "summary.csv"):
+        pd.testing.assert_frame_equal(frame(got / table).reset_index(drop=True),
+                                      frame(ref / table).reset_index(drop=True))
+    for run in statuses(ref):
+        a = results.read_metrics(ref / run).drop(columns=["seconds", "samples_per_s"])
+        b = results.read_metrics(got / run).drop(columns=["seconds", "samples_per_s"])
+        pd.testing.assert_frame_equal(a, b)
+        assert not (got / run / results.CHECKPOINT).exists()
+    assert not list(got.rglob(".*.tmp"))  # no half-written files left behind
+    assert json.loads((got / "sweeps.json").read_text())[-1]["trained"] >= 1
