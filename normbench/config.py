@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -240,7 +241,7 @@ def compose(overrides: list[str] = (), config_dir: str | None = None) -> Config:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
         return to_config(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:
         GlobalHydra.instance().clear()
@@ -292,6 +293,9 @@ def _schema_named(name: str) -> type | None:
 def clean_hydra_error(e: Exception) -> str:
     """One clear line from a Hydra/OmegaConf error, without Hydra internals or our schema names."""
     cause = e.__cause__ if isinstance(e, HydraException) and e.__cause__ is not None else e
+    if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+        mark = cause.problem_mark
+        return f"YAML syntax error in {mark.name}, line {mark.line + 1}: {cause.problem}"
     text = str(cause)
     missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if missing and "Available options" in text:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path
 from hydra.core.global_hydra import GlobalHydra
@@ -48,7 +49,7 @@ def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path |
         hydra = Hydra.create_main_hydra2(task_name="normbench", config_search_path=search_path)
         batches = hydra.multirun(config_name="config", task_function=task_function,
                                  overrides=list(overrides) + search_path_overrides(config_dir))
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:
         GlobalHydra.instance().clear()
