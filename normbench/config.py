@@ -167,6 +167,7 @@ class EvalConfig:
     batch_stats: bool = True  # BN: also test with the batch's own statistics, at the training batch size
     precise_bn: bool = True  # BN: also test with population statistics recomputed after each epoch
     precise_bn_samples: int = 4096  # training samples used to recompute them
+    every_epoch: bool = True  # the two extra BN evaluations after every epoch; false: after the last only
 
 
 class Precision(str, Enum):
@@ -204,7 +205,7 @@ class Config:
     base_batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 128
     results_dir: str = "results"
     checkpoint: bool = True  # save the training state after every epoch, to resume a killed run
     keep_checkpoint: bool = False  # keep it once the run has finished

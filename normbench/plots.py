@@ -40,6 +40,13 @@ def _batch_axis(ax, sizes) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _accuracy_panel(ax, sizes, title: str, legend: str) -> None:
+    _batch_axis(ax, sizes)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(title=legend, fontsize=8)
+
+
 def _line(ax, x, mean, half, label) -> None:
     ax.plot(x, mean, marker="o", label=label)
     mean = np.asarray(mean, dtype=float)
@@ -55,10 +62,7 @@ def accuracy_vs_batch(summary: pd.DataFrame, title: str):
         for norm, n in g.groupby("norm"):
             n = n.sort_values("batch_size")
             _line(ax, n.batch_size, n.test_acc_mean, n.test_acc_ci95, norm)
-        _batch_axis(ax, g.batch_size.unique())
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(name)
-        ax.legend(title="norm", fontsize=8)
+        _accuracy_panel(ax, g.batch_size.unique(), name, "norm")
     fig.suptitle(f"{title}: test accuracy vs batch size (mean and 95% interval over seeds)")
     fig.tight_layout()
     return fig
@@ -77,10 +81,7 @@ def bn_eval_modes(summary: pd.DataFrame, title: str):
         g = g.sort_values("batch_size")
         for column, label in modes:
             _line(ax, g.batch_size, g[f"{column}_mean"], g[f"{column}_ci95"], label)
-        _batch_axis(ax, g.batch_size.unique())
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(name)
-        ax.legend(title="BN evaluated with", fontsize=8)
+        _accuracy_panel(ax, g.batch_size.unique(), name, "BN evaluated with")
     fig.suptitle(f"{title}: batch norm evaluated three ways")
     fig.tight_layout()
     return fig

@@ -86,6 +86,7 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
         "steps": done[-1].step if done else 0, "effective_lr": effective_lr(cfg),
         "final": final, "best_test_acc": max((r.test_acc for r in done), default=None),
         "wall_seconds": round(seconds, 3), "num_parameters": params, "device": str(device),
+        "threads": torch.get_num_threads(),
         **(_peak_memory_mb(device)), "versions": results.versions(), "git_sha": results.git_sha(),
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")
         if status != "running" else None,

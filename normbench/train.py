@@ -347,14 +347,15 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
         step += ep.steps
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size)
         nan = float("nan")
+        extra = cfg.eval.every_epoch or epoch == cfg.epochs
         record = EpochRecord(
             epoch=epoch, step=step, lr=schedule.lr(step),
             train_loss=ep.losses.mean().item(), train_acc=100.0 * ep.correct / (ep.steps * cfg.batch_size),
             test_loss=test_loss, test_acc=test_acc,
             test_acc_batch_stats=(evaluate_batch_stats(model, data.test_x, data.test_y, cfg.batch_size,
                                                        cfg.eval_batch_size)
-                                  if batch_norm_anywhere and cfg.eval.batch_stats else nan),
-            test_acc_precise=evaluate_precise(model, data, cfg) if bn and cfg.eval.precise_bn else nan,
+                                  if extra and batch_norm_anywhere and cfg.eval.batch_stats else nan),
+            test_acc_precise=evaluate_precise(model, data, cfg) if extra and bn and cfg.eval.precise_bn else nan,
             seconds=time.perf_counter() - start, samples_per_s=ep.steps * cfg.batch_size / train_seconds)
         result.records.append(record)
         if on_epoch_end is not None:

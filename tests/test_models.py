@@ -11,6 +11,7 @@ from conftest import REFUSED, small_overrides
 from normbench.config import compose
 from normbench.data import DATASETS
 from normbench.errors import UserError
+from normbench import runner
 from normbench.models import MODELS, build_model, count_parameters
 from normbench.norms import NORMS, RecurrentBatchNorm
 from normbench.runner import norm_factory
@@ -188,3 +189,26 @@ def test_resnet20_has_the_papers_size():
     cfg = compose(["model=resnet20"])
     net = build_model(cfg.model, COLOUR, 10, norm_factory(cfg), 0)
     assert 0.26e6 < count_parameters(net) < 0.28e6  # He et al. 2016: 0.27M
+
+
+def test_plain_lstm_fast_path_equals_the_step_loop():
+    """norm=none: the fused torch.lstm path gives the loop's outputs and gradients."""
+    from normbench.models.rnn import NormLSTM
+
+    cfg = compose(["model=rnn", "norm=none", "data=synthetic", "model.hidden_size=16"])
+    net = build_model(cfg.model, (1, 28, 28), 10, runner.norm_factory(cfg), 0)
+    assert net.cell.plain
+    x = torch.randn(5, 1, 28, 28)
+    out_fused = net(x)
+    out_fused.sum().backward()
+    grads_fused = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    NormLSTM.use_loop = True
+    try:
+        out_loop = net(x)
+        out_loop.sum().backward()
+    finally:
+        NormLSTM.use_loop = False
+    torch.testing.assert_close(out_fused, out_loop, rtol=1e-5, atol=1e-5)
+    for a, p in zip(grads_fused, net.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)

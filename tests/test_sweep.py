@@ -191,3 +191,34 @@ def test_grids_sweeper_runs_the_union_once_and_the_command_line_wins(tmp_path, m
     assert len(jobs) == 10 == len(keys)
     narrowed = sweep.plan(base + ["seed=7"], config_dir=tmp_path)
     assert len(narrowed) == 5 and all("seed=7" in j for j in narrowed)
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path):
+    """submitit_local: the stand-in for SLURM job arrays (same launcher plugin family)."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "data=synthetic", "data.num_train=64", "data.num_test=32",
+                                      "model=mlp", "model.width=16", "norm=bn,ln", "batch_size=16", "epochs=1",
+                                      "hydra/launcher=submitit_local", f"results_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    summaries = [results.read_summary(p) for p in (tmp_path / "default").iterdir() if p.name.startswith("mlp")]
+    assert sorted(s["config"]["norm"]["name"] for s in summaries) == ["bn", "ln"]
+    assert all(s["status"] == "completed" for s in summaries)
+
+
+def test_slurm_launcher_preset_composes_with_its_knobs(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="normbench.conf", version_base="1.3"):
+        cfg = hydra_compose("config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                       "hydra.launcher.gpus_per_node=2"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 2, 64)
+    assert {"cpus_per_task", "mem_gb", "timeout_min"} <= set(launcher)
