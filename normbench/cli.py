@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from normbench import __version__, results
+from normbench import __version__
 from normbench.config import GROUPS, compose, run_id, to_dict
 from normbench.display import EpochProgress, console, summary_table
 from normbench.errors import UserError
@@ -157,12 +157,7 @@ def sweep(
         with SweepDisplay() as display:
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
         command = "normbench sweep " + " ".join(overrides or []) + (f" --jobs {jobs}" if jobs > 1 else "")
-        for experiment in outcome.experiment_dirs:
-            results.record_sweep(experiment, {
-                "command": command.strip(), "seconds": round(outcome.seconds, 1), "trained": outcome.trained,
-                "skipped": len(outcome.outcomes) - outcome.trained, "failed": len(outcome.failures)})
-            rep = report.build(experiment)
-            path = report.write(rep)
+        for rep, path in report.after_sweep(outcome, command):
             console.print(report.rich_pivot(rep))
             for panel, sentences in rep.verdict.items():
                 console.print(f"[bold]{escape(panel)}[/bold]")

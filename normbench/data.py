@@ -224,18 +224,17 @@ def load_data(cfg, device: torch.device) -> Data:
 
 def augment_batch(x: torch.Tensor, flip: bool, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding `pad` (+ horizontal flip), per sample, on the whole batch."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))  # (N, C, H+2p, W+2p); zero is the mean after normalizing
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad)).flatten(2)  # (N, C, Hp*Wp); zero is the mean after normalizing
     dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=generator.device)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=generator.device)
-    rows = (dy + torch.arange(h, device=x.device)).to(x.device)  # (N, H)
-    cols = (dx + torch.arange(w, device=x.device)).to(x.device)  # (N, W)
+    rows = (dy + torch.arange(h, device=dy.device)).to(x.device)  # (N, H)
+    cols = (dx + torch.arange(w, device=dx.device)).to(x.device)  # (N, W)
     if flip:
         mirrored = torch.rand(n, 1, generator=generator, device=generator.device).to(x.device) < 0.5
         cols = torch.where(mirrored, cols.flip(1), cols)
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+    index = rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]  # (N, H, W) positions in the padded image
+    return padded.gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 def epoch_order(data: Data, batch_size: int, generator: torch.Generator) -> torch.Tensor:

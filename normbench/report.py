@@ -29,6 +29,7 @@ class Report:
     degradation: pd.DataFrame
     verdict: dict[str, list[str]]
     curves: dict[str, pd.DataFrame]
+    summaries: list[dict] = field(default_factory=list)  # the run folders' summary.json, as read
     warnings: list[str] = field(default_factory=list)
     sweeps: list[dict] = field(default_factory=list)
 
@@ -43,7 +44,19 @@ def build(experiment: Path) -> Report:
     summary = analysis.summary_table(runs)
     degr = analysis.degradation(runs, summary)
     return Report(experiment, runs, summary, analysis.pivot(summary), analysis.delta_vs_bn(runs, summary), degr,
-                  analysis.verdict(runs, summary, degr), curves, warnings, results.read_sweeps(experiment))
+                  analysis.verdict(runs, summary, degr), curves, summaries, warnings, results.read_sweeps(experiment))
+
+
+def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
+    """Record the sweep in each experiment it touched, then rebuild and write that experiment's report."""
+    written = []
+    for experiment in outcome.experiment_dirs:
+        results.record_sweep(experiment, {
+            "command": command.strip(), "seconds": round(outcome.seconds, 1), "trained": outcome.trained,
+            "skipped": len(outcome.outcomes) - outcome.trained, "failed": len(outcome.failures)})
+        rep = build(experiment)
+        written.append((rep, write(rep)))
+    return written
 
 
 def write(report: Report) -> Path:
@@ -143,7 +156,7 @@ def markdown(report: Report, figures: list[str]) -> str:
 
 def _provenance(r: Report) -> list[str]:
     first = r.runs.iloc[0]
-    summaries = results.scan(r.experiment)[0]
+    summaries = r.summaries
     devices = sorted({s.get("device", "?") for s in summaries})
     versions = summaries[0].get("versions", {})
     shas = sorted({s.get("git_sha") or "unknown" for s in summaries})

@@ -20,7 +20,7 @@ from torch import nn
 
 from normbench import results
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
-from normbench.data import Data, load_data
+from normbench.data import Data, decoded, load_data
 from normbench.errors import UserError
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormFactory, NormOptions
@@ -92,6 +92,17 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
         if status != "running" else None,
         "config": to_dict(cfg),
     }
+
+
+def check(cfg: Config) -> None:
+    """Every refusal `prepare` can give, cheaply: data present and intact, model and norm compatible,
+    batch not larger than the training set, results writable. Used to plan sweeps."""
+    raw = decoded(cfg.data)
+    n = len(raw.train_y) if cfg.data.train_size is None else min(cfg.data.train_size, len(raw.train_y))
+    if n < cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples)")
+    build_model(cfg.model, tuple(raw.train_x.shape[1:]), raw.num_classes, norm_factory(cfg), cfg.seed)
+    results.check_writable(results.experiment_dir(cfg))
 
 
 def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:

@@ -86,13 +86,13 @@ class _Plan:
     """Task function of the planning pass: compose, validate, look at the run folder. Trains nothing."""
 
     def __call__(self, dict_cfg) -> Planned:
-        from normbench.runner import prepare  # deferred: the runner imports torch models and data
+        from normbench.runner import check  # deferred: the runner imports torch models and data
 
         overrides = list(HydraConfig.get().overrides.task)
         overrides = [o for o in overrides if not o.startswith("hydra")]
         try:
             cfg = to_config(dict_cfg)
-            prepare(cfg, torch.device("cpu"))
+            check(cfg)
         except UserError as e:
             return Planned(overrides, None, "invalid", str(e))
         state = run_state(cfg)

@@ -222,3 +222,23 @@ def test_slurm_launcher_preset_composes_with_its_knobs(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 2, 64)
     assert {"cpus_per_task", "mem_gb", "timeout_min"} <= set(launcher)
+
+
+def test_local_parallel_jobs_each_get_their_own_gpu(tmp_path, monkeypatch):
+    """With several GPUs, job k trains on cuda:(k mod GPUs); Hydra's launchers do not do this themselves."""
+    import torch
+
+    seen = []
+
+    def fake_execute(cfg, progress=None):
+        seen.append(cfg.device)
+        return type("R", (), {"summary": {"status": "completed"}})()
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(normbench.runner, "execute", fake_execute)
+    overrides = ["data=synthetic", "data.num_train=64", "model=mlp", "norm=bn,ln,gn", f"results_dir={tmp_path}"]
+    sweep.hydra_multirun(overrides, sweep._Train(spread_gpus=True))
+    assert seen == ["cuda:0", "cuda:1", "cuda:0"]
+    seen.clear()
+    sweep.hydra_multirun(overrides + ["device=cpu"], sweep._Train(spread_gpus=True))
+    assert seen == ["cpu", "cpu", "cpu"]  # an explicit device is left alone

@@ -5,7 +5,11 @@ several: every norm on the MLP, plus a smaller slice on the CNN; BN with per-ste
 and shared statistics, but the other norms once. ``grids`` is a list of grids; each
 is expanded like the basic sweeper's ``params`` (which apply to every grid), a grid's
 values win over ``params``, command-line values win over both, and a job that
-two grids both produce runs once.
+two grids both produce runs once. Without ``grids`` it is the basic sweeper.
+
+Unlike the basic sweeper it does not compose every job once more before launching
+it (``validate_batch_is_legal``): the launcher composes each job anyway, and normbench's
+planning pass has composed and validated every job before any training starts.
 
     hydra:
       sweeper:
@@ -67,7 +71,6 @@ class GridsSweeper(BasicSweeper):
         returns, first = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
-            self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=first)
             for r in results:
                 _ = r.return_value  # a job that raised stops the sweep, as in the basic sweeper
