@@ -16,6 +16,7 @@ counts accumulate on the device and are read at most a few times a second.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -264,6 +265,20 @@ def compiled(cfg: Config, model: nn.Module) -> nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+@contextmanager
+def _gc_paused():
+    """Pause Python's cycle collector for an epoch: its passes over the growing per-step lists cost
+    more than a small step (measured: 140 us a step at batch 2). Autograd graphs are freed by
+    reference counting, so nothing waits for it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.optim.Optimizer,
                     schedule: LrSchedule, step: int, generators: tuple[torch.Generator, torch.Generator],
                     progress: Progress, step_model: nn.Module | None = None) -> EpochResult:
@@ -278,24 +293,25 @@ def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.
     order = epoch_order(data, cfg.batch_size, generators[0])  # (steps * B,)
     losses, predictions = [], []
     next_refresh, loss_sum, checked = time.monotonic() + REFRESH_SECONDS, 0.0, 0
-    for start in range(0, len(order), cfg.batch_size):
-        x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
-        schedule.apply(step + len(losses))
-        with precision():
-            logits = step_model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        predictions.append(logits.detach().argmax(1))
-        if time.monotonic() >= next_refresh:  # the only read-back
-            recent = torch.stack(losses[checked:])
-            loss_sum, checked = loss_sum + recent.sum().item(), len(losses)
-            if not math.isfinite(loss_sum):
-                break
-            progress.update(len(losses), loss_sum / checked)
-            next_refresh = time.monotonic() + REFRESH_SECONDS
+    with _gc_paused():
+        for start in range(0, len(order), cfg.batch_size):
+            x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
+            schedule.apply(step + len(losses))
+            with precision():
+                logits = step_model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            predictions.append(logits.detach().argmax(1))
+            if time.monotonic() >= next_refresh:  # the only read-back
+                recent = torch.stack(losses[checked:])
+                loss_sum, checked = loss_sum + recent.sum().item(), len(losses)
+                if not math.isfinite(loss_sum):
+                    break
+                progress.update(len(losses), loss_sum / checked)
+                next_refresh = time.monotonic() + REFRESH_SECONDS
     done = len(losses)
     hits = torch.cat(predictions) == data.train_y[order[: done * cfg.batch_size]]
     return EpochResult(torch.stack(losses), int(hits.sum()), done)
