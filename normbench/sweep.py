@@ -1,9 +1,10 @@
 """Sweeps on Hydra's own multirun machinery, with resume.
 
 `hydra.compose()` has no multirun; the entry that ``@hydra.main`` uses does. The
-three names imported from ``hydra._internal`` below are the only Hydra internals
-normbench touches; ``tests/test_sweep.py`` checks them, so a Hydra upgrade that
-moves them fails loudly there rather than quietly here.
+names imported from ``hydra._internal`` below, and the basic sweeper that the grids
+sweeper plugin (``hydra_plugins/normbench_sweeper``) extends, are the only Hydra
+internals normbench touches; ``tests/test_sweep.py`` checks them, so a Hydra upgrade
+that moves them fails loudly there rather than quietly here.
 
 A sweep runs in two passes over the same expansion:
 

@@ -79,6 +79,11 @@ def test_hydra_internals_have_the_expected_signatures():
     from hydra.core.utils import JobReturn
 
     assert isinstance(inspect.getattr_static(JobReturn, "return_value"), property)
+    # what the grids sweeper plugin builds on
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    assert list(inspect.signature(BasicSweeper.split_arguments).parameters) == ["overrides", "max_batch_size"]
+    assert {"get_job_batch", "is_done", "setup"} <= set(dir(BasicSweeper))
 
 
 def _seed_and_batch(dict_cfg):
