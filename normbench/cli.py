@@ -124,10 +124,10 @@ def _print_plan(planned) -> None:
 
 
 def _counts(planned, retry_failed: bool) -> str:
-    from normbench.sweep import should_train
+    from normbench.sweep import to_train
 
     states = [p.state for p in planned]
-    todo = sum(1 for p in planned if p.state != "invalid" and should_train(p.state, retry_failed))
+    todo = len(to_train(planned, retry_failed))
     return (f"{len(planned)} runs: {todo} to train, {states.count('completed') + states.count('diverged')} already "
             f"done, {states.count('failed')} failed, {states.count('invalid')} invalid")
 
@@ -167,7 +167,7 @@ def sweep(
     console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
                   + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
     if outcome.failures:
-        console.print(f"[red]{len(outcome.failures)} runs failed:[/red]")
+        console.print(f"[red]without a result (failed or invalid): {len(outcome.failures)}[/red]")
         for what, why in outcome.failures:
             console.print(f"  {escape(what)}: {escape(str(why))}", soft_wrap=True)
         raise typer.Exit(1)

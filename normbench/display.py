@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, Te
 from rich.table import Table
 
 from normbench.config import run_id
+from normbench.results import FINISHED
 from normbench.train import EpochRecord, Progress
 
 console = Console(highlight=False)
@@ -44,7 +45,6 @@ class EpochProgress(Progress):
                 self.bar.remove_task(self.task)
             self.task = self.bar.add_task(f"{self.label}epoch {epoch}/{self.epochs}", total=steps,
                                           loss="-", speed="")
-        self._clock = None
 
     def update(self, steps_done: int, loss: float) -> None:
         if self.bar and self.task is not None:
@@ -109,23 +109,22 @@ class SweepDisplay(EpochProgress):
         self.total = 0
 
     def start_sweep(self, planned, retry_failed: bool) -> None:
-        from normbench.sweep import should_train
+        from normbench.sweep import to_train
 
         valid = [p for p in planned if p.cfg is not None]
         self.total = len(valid)
-        already = [p for p in valid if not should_train(p.state, retry_failed)]
-        self.reported = {run_id(p.cfg) for p in already}
+        self.reported = {run_id(p.cfg) for p in valid} - {run_id(p.cfg) for p in to_train(planned, retry_failed)}
         self.failed = 0
         if self.bar:
             self.overall = self.bar.add_task("sweep", total=self.total, loss="", speed="")
-            self.bar.update(self.overall, completed=len(already))
+            self.bar.update(self.overall, completed=len(self.reported))
         else:
-            self.out.print(f"sweep: {self.total} runs, {len(already)} already done")
+            self.out.print(f"sweep: {self.total} runs, {len(self.reported)} already done")
 
     def runs_changed(self, status: dict[str, dict | None]) -> None:
         for rid, summary in sorted(status.items()):
             state = (summary or {}).get("status")
-            if rid in self.reported or state not in ("completed", "diverged", "failed"):
+            if rid in self.reported or state not in FINISHED:
                 continue
             self.reported.add(rid)
             self.failed += state == "failed"

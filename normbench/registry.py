@@ -36,11 +36,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def describe(self, name: str) -> str:
-        """First line of the entry's docstring: the one-line description for `normbench list`."""
-        doc = self.get(name).__doc__ or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
-
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

@@ -131,6 +131,7 @@ def git_sha() -> str | None:
 
 
 REQUIRED_SUMMARY_KEYS = ("run_id", "status", "config_hash", "config")
+FINISHED = ("completed", "diverged", "failed")  # statuses of a run that is over; "running" is not
 
 
 def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
@@ -151,7 +152,7 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
         if missing or not isinstance(summary.get("config"), dict):
             warnings.append(f"skipped {folder}: summary.json lacks {', '.join(missing) or 'config'}")
             continue
-        if summary["status"] not in ("completed", "diverged", "failed"):
+        if summary["status"] not in FINISHED:
             continue
         if summary["run_id"] != folder.name:
             warnings.append(f"skipped {folder}: summary.json belongs to run {summary['run_id']}")

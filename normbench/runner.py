@@ -94,13 +94,17 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
     }
 
 
+def _check_batch_fits(cfg: Config, n_train: int) -> None:
+    if n_train < cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} samples)")
+
+
 def check(cfg: Config) -> None:
     """Every refusal `prepare` can give, cheaply: data present and intact, model and norm compatible,
     batch not larger than the training set, results writable. Used to plan sweeps."""
     raw = decoded(cfg.data)
-    n = len(raw.train_y) if cfg.data.train_size is None else min(cfg.data.train_size, len(raw.train_y))
-    if n < cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples)")
+    _check_batch_fits(cfg, len(raw.train_y) if cfg.data.train_size is None
+                      else min(cfg.data.train_size, len(raw.train_y)))
     build_model(cfg.model, tuple(raw.train_x.shape[1:]), raw.num_classes, norm_factory(cfg), cfg.seed)
     results.check_writable(results.experiment_dir(cfg))
 
@@ -110,8 +114,7 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     experiment = results.experiment_dir(cfg)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
-    if len(data.train_y) < cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train_y)} samples)")
+    _check_batch_fits(cfg, len(data.train_y))
     model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
     if device.type == "cuda" and cfg.perf.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)  # NHWC: faster conv kernels, same numbers

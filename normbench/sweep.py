@@ -39,9 +39,6 @@ from normbench.config import to_config
 from normbench.errors import ResultsError, UserError
 from normbench.train import Progress
 
-FINISHED = ("completed", "diverged", "failed")
-
-
 def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path | None = None) -> list:
     """Run `task_function` on every job of a Hydra sweep; return the jobs' return values in order."""
     GlobalHydra.instance().clear()
@@ -57,18 +54,23 @@ def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path |
     return [job.return_value for batch in batches for job in batch]
 
 
-def run_state(cfg: Config) -> str:
-    """'new', 'running' (unfinished or interrupted), or the finished status of the run's folder."""
+def run_state(cfg: Config) -> tuple[str, dict | None]:
+    """The run folder's state: 'new', 'running' (unfinished or interrupted) or its finished status,
+    with the summary it was read from (None when there is none for this config)."""
     summary = results.read_summary(results.run_dir(cfg))
-    if summary is None:
-        return "new"
-    if summary.get("config_hash") != config_hash(cfg):
-        return "new"
-    return summary.get("status") if summary.get("status") in FINISHED else "running"
+    if summary is None or summary.get("config_hash") != config_hash(cfg):
+        return "new", None
+    status = summary.get("status")
+    return (status if status in results.FINISHED else "running"), summary
 
 
 def should_train(state: str, retry_failed: bool) -> bool:
     return state in ("new", "running") or (retry_failed and state in ("failed", "diverged"))
+
+
+def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
+    """The planned runs a sweep will train: valid, and not finished (or failed, with retry_failed)."""
+    return [p for p in planned if p.state != "invalid" and should_train(p.state, retry_failed)]
 
 
 @dataclass
@@ -96,9 +98,8 @@ class _Plan:
             check(cfg)
         except UserError as e:
             return Planned(overrides, None, "invalid", str(e))
-        state = run_state(cfg)
-        error = (results.read_summary(results.run_dir(cfg)) or {}).get("error") if state == "failed" else None
-        return Planned(overrides, cfg, state, error)
+        state, summary = run_state(cfg)
+        return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None)
 
 
 # The display of the sweep running in this process, if any; jobs in other processes see None.
@@ -119,10 +120,10 @@ class _Train:
         cfg = to_config(dict_cfg)
         if self.spread_gpus and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
             cfg.device = f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}"
-        outcome = {"run_id": run_id(cfg), "status": run_state(cfg), "error": None}
-        if not should_train(outcome["status"], self.retry_failed):
-            previous = results.read_summary(results.run_dir(cfg)) or {}
-            outcome.update(skipped=True, error=previous.get("error"))
+        state, previous = run_state(cfg)
+        outcome = {"run_id": run_id(cfg), "status": state, "error": None}
+        if not should_train(state, self.retry_failed):
+            outcome.update(skipped=True, error=(previous or {}).get("error"))
             return outcome
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -161,7 +162,7 @@ class SweepOutcome:
 
     @property
     def trained(self) -> int:
-        return sum(1 for o in self.outcomes if not o.get("skipped"))
+        return sum(1 for o in self.outcomes if not o.get("skipped") and o["status"] != "invalid")
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -207,8 +208,7 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     launch = launcher_overrides(jobs)
     planned = plan(overrides, config_dir)
     outcome = SweepOutcome(planned, retry_failed)
-    todo = [p for p in planned if p.state != "invalid" and should_train(p.state, retry_failed)]
-    if todo:
+    if to_train(planned, retry_failed):
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
         watcher = _FolderWatcher(planned, display.runs_changed) if display else None
         if display:

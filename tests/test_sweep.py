@@ -247,3 +247,10 @@ def test_local_parallel_jobs_each_get_their_own_gpu(tmp_path, monkeypatch):
     seen.clear()
     sweep.hydra_multirun(overrides + ["device=cpu"], sweep._Train(spread_gpus=True))
     assert seen == ["cpu", "cpu", "cpu"]  # an explicit device is left alone
+
+
+def test_invalid_jobs_are_not_counted_as_trained(tmp_path):
+    outcome = sweep.run(["data=synthetic", "data.num_train=64", "data.num_test=32", "model=mlp", "model.width=16",
+                         "norm=ln,in", "batch_size=16", "epochs=1", f"results_dir={tmp_path}"])
+    assert outcome.trained == 1
+    assert [what for what, _ in outcome.failures] == [p.label for p in outcome.planned if p.state == "invalid"]
