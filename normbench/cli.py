@@ -136,7 +136,7 @@ def _counts(planned, retry_failed: bool) -> str:
 def sweep(
     overrides: Overrides = None,
     config_dir: ConfigDir = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine (joblib).")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, each in its own process with its share of the CPU threads.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
 ) -> None:

@@ -11,16 +11,25 @@ A sweep runs in two passes over the same expansion:
 1. plan: every job is composed, validated (data present, model/norm compatible)
    and matched against its run folder, always with Hydra's basic launcher, in
    this process. ``--dry-run`` stops here.
-2. train: the configured launcher (basic, joblib, submitit, ...) runs every job;
-   each job skips itself when its folder already holds a finished run.
+2. train: on this machine, normbench trains the configs the plan composed, one
+   after another or ``--jobs N`` at a time in worker processes (longest first, CPU
+   threads split between them, one GPU each where there are several). With
+   another Hydra launcher (``hydra/launcher=slurm``, ...), that launcher runs every
+   job. Either way a job skips itself when its folder already holds a finished run.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import heapq
+import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +40,7 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench import results
@@ -39,19 +49,34 @@ from normbench.config import to_config
 from normbench.errors import ResultsError, UserError
 from normbench.train import Progress
 
-def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path | None = None) -> list:
-    """Run `task_function` on every job of a Hydra sweep; return the jobs' return values in order."""
+def _hydra(config_dir: str | Path | None):
     GlobalHydra.instance().clear()
     search_path = create_config_search_path(f"pkg://{CONFIG_MODULE}")
+    return Hydra.create_main_hydra2(task_name="normbench", config_search_path=search_path)
+
+
+def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path | None = None) -> list:
+    """Run `task_function` on every job of a Hydra sweep; return the jobs' return values in order."""
     try:
-        hydra = Hydra.create_main_hydra2(task_name="normbench", config_search_path=search_path)
-        batches = hydra.multirun(config_name="config", task_function=task_function,
-                                 overrides=list(overrides) + search_path_overrides(config_dir))
+        batches = _hydra(config_dir).multirun(config_name="config", task_function=task_function,
+                                              overrides=list(overrides) + search_path_overrides(config_dir))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:
         GlobalHydra.instance().clear()
     return [job.return_value for batch in batches for job in batch]
+
+
+def configured_launcher(overrides: list[str], config_dir: str | Path | None = None) -> str:
+    """The Hydra launcher the sweep asks for (command line, preset or user config): 'basic' unless set."""
+    try:
+        cfg = _hydra(config_dir).compose_config("config", list(overrides) + search_path_overrides(config_dir),
+                                                run_mode=RunMode.MULTIRUN)
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+        raise UserError(clean_hydra_error(e)) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg.hydra.runtime.choices.get("hydra/launcher") or "basic"
 
 
 def run_state(cfg: Config) -> tuple[str, dict | None]:
@@ -79,78 +104,204 @@ class Planned:
     cfg: Config | None
     state: str  # new | running | completed | diverged | failed | invalid
     error: str | None = None
+    cost: float = 0.0  # estimated training cost, relative (runner.check): parallel sweeps start long runs first
 
     @property
     def label(self) -> str:
         return " ".join(self.overrides) or "(defaults)"
 
 
+@dataclass
 class _Plan:
-    """Task function of the planning pass: compose, validate, look at the run folder. Trains nothing."""
+    """Task function of the planning pass: compose, validate, look at the run folder. Trains nothing,
+    but hands every planned job to `on_planned`, if given, as soon as it is planned."""
+
+    on_planned: Callable[[Planned], None] | None = None
 
     def __call__(self, dict_cfg) -> Planned:
+        planned = self.plan(dict_cfg)
+        if self.on_planned:
+            self.on_planned(planned)
+        return planned
+
+    @staticmethod
+    def plan(dict_cfg) -> Planned:
         from normbench.runner import check  # deferred: the runner imports torch models and data
 
         overrides = list(HydraConfig.get().overrides.task)
         overrides = [o for o in overrides if not o.startswith("hydra")]
         try:
             cfg = to_config(dict_cfg)
-            check(cfg)
+            cost = check(cfg)
         except UserError as e:
             return Planned(overrides, None, "invalid", str(e))
         state, summary = run_state(cfg)
-        return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None)
+        return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
 
 
-# The display of the sweep running in this process, if any; jobs in other processes see None.
-_display: Progress | None = None
+def plan(overrides: list[str], config_dir: str | Path | None = None,
+         on_planned: Callable[[Planned], None] | None = None) -> list[Planned]:
+    """Expand a sweep and say, for every job, whether it is new, done, failed or invalid."""
+    return hydra_multirun(list(overrides) + ["hydra/launcher=basic"], _Plan(on_planned), config_dir)
+
+
+def train_job(cfg: Config, retry_failed: bool = False, display: Progress | None = None) -> dict:
+    """Train one planned job unless its folder already holds a finished run; a failed run is recorded in the
+    outcome, not raised. The state is read again here: another sweep over the same folder may have
+    finished the run meanwhile."""
+    from normbench.runner import execute  # deferred: the runner imports torch models and data
+
+    state, previous = run_state(cfg)
+    outcome = {"run_id": run_id(cfg), "status": state, "error": None}
+    if not should_train(state, retry_failed):
+        outcome.update(skipped=True, error=(previous or {}).get("error"))
+        return outcome
+    try:
+        outcome["status"] = execute(cfg, display).summary["status"]
+    except ResultsError as e:
+        outcome.update(status="failed", error=str(e))
+    except UserError as e:
+        outcome.update(status="invalid", error=str(e))
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
+        outcome.update(status="failed", error=f"{type(e).__name__}: {e}")
+    return outcome
 
 
 @dataclass
 class _Train:
-    """Task function of the training pass; picklable, so any launcher can ship it to its workers."""
+    """Task function of the training pass under another Hydra launcher (SLURM, ...); picklable, so the
+    launcher can ship it to its workers."""
 
     retry_failed: bool = False
-    threads: int | None = None
-    spread_gpus: bool = False  # local parallel jobs: job k trains on GPU k mod (number of GPUs)
 
     def __call__(self, dict_cfg) -> dict:
-        from normbench.runner import execute
+        return train_job(to_config(dict_cfg), self.retry_failed)
 
-        cfg = to_config(dict_cfg)
-        if self.spread_gpus and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
-            cfg.device = f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}"
-        state, previous = run_state(cfg)
-        outcome = {"run_id": run_id(cfg), "status": state, "error": None}
-        if not should_train(state, self.retry_failed):
-            outcome.update(skipped=True, error=(previous or {}).get("error"))
-            return outcome
-        if self.threads:
-            torch.set_num_threads(self.threads)
+
+# ---- --jobs N: worker processes on this machine ---------------------------------------------------------
+
+_worker_slot = 0  # in a worker process: its number, 0 .. jobs - 1
+
+
+def _worker_start(slots, threads: int, parent: int) -> None:
+    """Worker process setup: its slot number, its share of the CPU threads, and an exit when the sweep dies."""
+    global _worker_slot
+    _worker_slot = slots.get()
+    torch.set_num_threads(threads)
+
+    def exit_with_parent() -> None:  # a SIGKILLed sweep leaves no orphan training behind
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _worker_train(cfg: Config, retry_failed: bool) -> dict:
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    if gpus > 1:
+        cfg.device = f"cuda:{_worker_slot % gpus}"  # each worker keeps to its own GPU
+    return train_job(cfg, retry_failed)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, so taskset and cgroup cpusets count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Workers:
+    """`jobs` worker processes that train planned runs as they are offered, longest estimated first.
+
+    Runs can be offered while the sweep is still being planned, so planning and training overlap.
+    Exactly `jobs` runs are in flight: each free worker takes the costliest run offered so far. Each
+    worker gets cores // jobs torch threads (no oversubscription), keeps its decoded datasets between
+    runs and, on a machine with several GPUs, keeps to GPU (its number mod the GPU count). Workers
+    start by "spawn": a fork of a process that has run torch's thread pools can deadlock.
+    """
+
+    def __init__(self, jobs: int, retry_failed: bool = False, train: Callable[[Config, bool], dict] | None = None):
+        self.jobs, self.retry_failed, self.train = jobs, retry_failed, train or _worker_train
+        self.others = set(multiprocessing.active_children())  # child processes that are not our workers
+        self.pool = self._start_pool()
+        self.offered: list[Planned] = []
+        self.waiting: list[tuple[float, int]] = []  # heap of (-cost, offer index)
+        self.outcomes: dict[int, dict] = {}
+        self.in_flight = 0
+        self.closed = False
+        self.changed = threading.Condition()
+        self.dispatcher = threading.Thread(target=self._dispatch, daemon=True)
+        self.dispatcher.start()
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("spawn")
+        slots = ctx.Queue()
+        for k in range(self.jobs):
+            slots.put(k)
+        return ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_worker_start,
+                                   initargs=(slots, max(1, cpu_cores() // self.jobs), os.getpid()))
+
+    def offer(self, p: Planned) -> None:
+        """Queue a planned run for training, if it needs training."""
+        if not to_train([p], self.retry_failed):
+            return
+        with self.changed:
+            heapq.heappush(self.waiting, (-p.cost, len(self.offered)))
+            self.offered.append(p)
+            self.changed.notify_all()
+
+    def _dispatch(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: (self.waiting and self.in_flight < self.jobs) or
+                                      (self.closed and not self.waiting))
+                if not self.waiting:
+                    return
+                _, i = heapq.heappop(self.waiting)
+                self.in_flight += 1
+            try:
+                future = self.pool.submit(self.train, self.offered[i].cfg, self.retry_failed)
+            except BrokenProcessPool:  # a worker died (its runs are marked failed): carry on with fresh workers
+                self.pool.shutdown(wait=False)
+                self.pool = self._start_pool()
+                future = self.pool.submit(self.train, self.offered[i].cfg, self.retry_failed)
+            except RuntimeError:  # shut down: the sweep is stopping
+                future = Future()
+                future.cancel()
+            future.add_done_callback(functools.partial(self._finished, i))
+
+    def _finished(self, i: int, future) -> None:
         try:
-            summary = execute(cfg, _display).summary
-            outcome["status"] = summary["status"]
-        except ResultsError as e:
-            outcome.update(status="failed", error=str(e))
-        except UserError as e:
-            outcome.update(status="invalid", error=str(e))
-        except Exception as e:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
-            outcome.update(status="failed", error=f"{type(e).__name__}: {e}")
-        return outcome
+            outcome = future.result()
+        except CancelledError:
+            outcome = {"run_id": run_id(self.offered[i].cfg), "status": "new", "error": None, "skipped": True}
+        except Exception as e:  # noqa: BLE001 - a worker that died (out of memory, killed) fails its run
+            outcome = {"run_id": run_id(self.offered[i].cfg), "status": "failed",
+                       "error": f"its worker process died ({type(e).__name__}); run the sweep again to resume it"}
+        with self.changed:
+            self.outcomes[i] = outcome
+            self.in_flight -= 1
+            self.changed.notify_all()
 
+    def join(self) -> list[dict]:
+        """Wait for every offered run; their outcomes in the order they were offered."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: len(self.outcomes) == len(self.offered))
+        return [self.outcomes[i] for i in range(len(self.offered))]
 
-def plan(overrides: list[str], config_dir: str | Path | None = None) -> list[Planned]:
-    """Expand a sweep and say, for every job, whether it is new, done, failed or invalid."""
-    return hydra_multirun(list(overrides) + ["hydra/launcher=basic"], _Plan(), config_dir)
+    def __enter__(self) -> Workers:
+        return self
 
-
-def launcher_overrides(jobs: int) -> list[str]:
-    """--jobs N: N runs at once through hydra-joblib-launcher (processes; threads divided between them)."""
-    if jobs <= 1:
-        return []
-    if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
-        raise UserError("--jobs needs hydra-joblib-launcher: pip install 'normbench[joblib]'")
-    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None:  # Ctrl-C or a planning error: stop now; the runs resume from checkpoints next time
+            with self.changed:
+                self.waiting.clear()
+                self.closed = True
+                self.changed.notify_all()
+            for child in set(multiprocessing.active_children()) - self.others:
+                child.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -200,27 +351,48 @@ class _FolderWatcher(threading.Thread):
         self.on_change(self.poll())
 
 
+@contextmanager
+def _watching(planned: list[Planned], retry_failed: bool, display):
+    """Show the sweep's progress on `display` (if any) from the run folders, whoever trains the runs."""
+    if display is None or not to_train(planned, retry_failed):
+        yield
+        return
+    watcher = _FolderWatcher(planned, display.runs_changed)
+    display.start_sweep(planned, retry_failed)
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.stop()
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
-    """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised."""
-    global _display
+    """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
+
+    On this machine the configs the plan composed are trained directly, `jobs` at a time; another Hydra
+    launcher (``hydra/launcher=slurm``, ...) is given the sweep's overrides and runs the jobs itself.
+    """
     t0 = time.perf_counter()
-    launch = launcher_overrides(jobs)
-    planned = plan(overrides, config_dir)
-    outcome = SweepOutcome(planned, retry_failed)
-    if to_train(planned, retry_failed):
-        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-        watcher = _FolderWatcher(planned, display.runs_changed) if display else None
-        if display:
-            display.start_sweep(planned, retry_failed)
-            watcher.start()
-        _display = display if jobs <= 1 else None
-        try:
-            task = _Train(retry_failed, threads, spread_gpus=jobs > 1)
-            outcome.outcomes = hydra_multirun(list(overrides) + launch, task, config_dir)
-        finally:
-            _display = None
-            if watcher:
-                watcher.stop()
+    launcher = configured_launcher(overrides, config_dir)
+    if jobs > 1 and launcher != "basic":
+        raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
+                        "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+    if launcher == "basic" and jobs > 1:
+        with Workers(jobs, retry_failed) as workers:
+            planned = plan(overrides, config_dir, on_planned=workers.offer)  # training starts meanwhile
+            outcome = SweepOutcome(planned, retry_failed)
+            with _watching(planned, retry_failed, display):
+                outcome.outcomes = workers.join()
+    else:
+        planned = plan(overrides, config_dir)
+        outcome = SweepOutcome(planned, retry_failed)
+        todo = to_train(planned, retry_failed)
+        if todo:
+            with _watching(planned, retry_failed, display):
+                if launcher == "basic":
+                    outcome.outcomes = [train_job(p.cfg, retry_failed, display) for p in todo]
+                else:
+                    outcome.outcomes = hydra_multirun(overrides, _Train(retry_failed), config_dir)
     outcome.seconds = time.perf_counter() - t0
     return outcome

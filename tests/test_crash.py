@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from normbench import results
 
@@ -15,9 +16,8 @@ SWEEP = ["data=synthetic", "data.num_train=1024", "data.num_test=64", "model=mlp
 TIMING = {"wall_seconds", "samples_per_s", "wall_seconds_mean", "seconds", "config.results_dir"}  # + location
 
 
-def sweep(results_dir: Path) -> subprocess.Popen:
-    code = "from normbench.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, "sweep", *SWEEP, f"results_dir={results_dir}"],
+def sweep(results_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "normbench", "sweep", *SWEEP, f"results_dir={results_dir}", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -29,8 +29,9 @@ def statuses(experiment: Path) -> dict[str, str]:
     return out
 
 
-def kill_when(results_dir: Path, condition, timeout: float = 120) -> None:
-    proc = sweep(results_dir)
+def kill_when(results_dir: Path, condition, *extra: str, timeout: float = 120) -> list[int]:
+    """SIGKILL the sweep at the moment `condition` holds; return the pids of its children (workers) then."""
+    proc = sweep(results_dir, *extra)
     deadline = time.monotonic() + timeout
     experiment = results_dir / "default"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -38,8 +39,30 @@ def kill_when(results_dir: Path, condition, timeout: float = 120) -> None:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the sweep ended before the moment to kill it"
+    children = child_pids(proc.pid)
     proc.kill()  # SIGKILL: no handler runs, no finally block
     proc.wait()
+    return children
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after the name: state, ppid, ...
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def first_epoch_running(experiment: Path) -> bool:
@@ -87,3 +110,17 @@ def test_sigkill_at_several_moments_then_rerun_equals_uninterrupted(tmp_path):
         assert not (got / run / results.CHECKPOINT).exists()
     assert not list(got.rglob(".*.tmp"))  # no half-written files left behind
     assert json.loads((got / "sweeps.json").read_text())[-1]["trained"] >= 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_sigkill_of_a_parallel_sweep_leaves_no_worker_running_and_a_rerun_finishes_it(tmp_path):
+    workers = kill_when(tmp_path, first_epoch_running, "--jobs", "2")
+    assert workers, "the sweep had no worker processes"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "orphaned workers went on training"
+    assert sweep(tmp_path, "--jobs", "2").wait() == 0
+    assert set(statuses(tmp_path / "default").values()) == {"completed"}
+    assert len(statuses(tmp_path / "default")) == 4
+    assert not list((tmp_path / "default").rglob(".*.tmp"))

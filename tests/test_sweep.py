@@ -8,6 +8,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -229,28 +232,314 @@ def test_slurm_launcher_preset_composes_with_its_knobs(tmp_path):
     assert {"cpus_per_task", "mem_gb", "timeout_min"} <= set(launcher)
 
 
-def test_local_parallel_jobs_each_get_their_own_gpu(tmp_path, monkeypatch):
-    """With several GPUs, job k trains on cuda:(k mod GPUs); Hydra's launchers do not do this themselves."""
-    import torch
-
-    seen = []
-
-    def fake_execute(cfg, progress=None):
-        seen.append(cfg.device)
-        return type("R", (), {"summary": {"status": "completed"}})()
-
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(normbench.runner, "execute", fake_execute)
-    overrides = ["data=synthetic", "data.num_train=64", "model=mlp", "norm=bn,ln,gn", f"results_dir={tmp_path}"]
-    sweep.hydra_multirun(overrides, sweep._Train(spread_gpus=True))
-    assert seen == ["cuda:0", "cuda:1", "cuda:0"]
-    seen.clear()
-    sweep.hydra_multirun(overrides + ["device=cpu"], sweep._Train(spread_gpus=True))
-    assert seen == ["cpu", "cpu", "cpu"]  # an explicit device is left alone
-
-
 def test_invalid_jobs_are_not_counted_as_trained(tmp_path):
     outcome = sweep.run(["data=synthetic", "data.num_train=64", "data.num_test=32", "model=mlp", "model.width=16",
                          "norm=ln,in", "batch_size=16", "epochs=1", f"results_dir={tmp_path}"])
     assert outcome.trained == 1
     assert [what for what, _ in outcome.failures] == [p.label for p in outcome.planned if p.state == "invalid"]
+
+
+def test_experiment_presets_set_their_top_level_keys(tmp_path):
+    quick = compose(["experiment=quick"])
+    assert (quick.name, quick.epochs, quick.lr, quick.eval.precise_bn_samples) == ("quick", 2, 0.05, 1000)
+    assert quick.eval.every_epoch is False
+    paper = compose(["experiment=ln_paper"])
+    assert (paper.name, paper.lr, paper.lr_scaling.value) == ("ln_paper", 1e-3, "none")
+    rnn = compose(["experiment=rnn"])
+    assert (rnn.name, rnn.epochs, rnn.lr_scaling.value) == ("rnn", 5, "sqrt")
+    assert compose(["experiment=quick", "epochs=5"]).epochs == 5  # the command line still wins
+    planned = sweep.plan(["experiment=quick", "model=mlp", "norm=ln", "batch_size=2", "seed=0", "data=synthetic",
+                          "hydra.sweeper.grids=null", f"results_dir={tmp_path}"])
+    assert len(planned) == 1 and results.run_dir(planned[0].cfg).parent == tmp_path / "quick"
+
+
+def test_quick_preset_composes_against_mnist_files(tmp_path):
+    """A slice of the preset, really composed and validated, on tiny MNIST idx files."""
+    import os
+
+    write_idx_dataset(Path(os.environ["NORMBENCH_DATA_DIR"]), n_train=100, n_test=20)
+    planned = sweep.plan(["experiment=quick", "hydra.sweeper.grids=null", "model=mlp", "norm=ln",
+                          "batch_size=2,128", "seed=1", f"results_dir={tmp_path}"])
+    assert [p.state for p in planned] == ["new", "invalid"]
+    cfg = planned[0].cfg
+    assert (cfg.data.name, cfg.data.train_size, cfg.optim.name) == ("mnist", 4000, "sgd")
+    assert (cfg.model.name, cfg.norm.name, cfg.batch_size, cfg.seed) == ("mlp", "ln", 2, 1)
+    assert "larger than the training set (100 samples)" in planned[1].error
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+
+
+def test_resume_skips_finished_runs(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn,ln")
+    first = sweep.run(args)
+    assert first.trained == 2 and len(trained) == 2 and first.failures == []
+    folders = run_folders(tmp_path / "default")
+    assert [f.name for f in folders] == sorted(trained)
+    assert all(results.read_summary(f)["status"] == "completed" for f in folders)
+
+    again = sweep.run(args)
+    assert again.trained == 0 and len(trained) == 2
+    assert again.outcomes == []  # nothing to train: no training pass at all
+    assert [p.state for p in again.planned] == ["completed", "completed"]
+
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
+    assert dry.exit_code == 0, dry.output
+    assert "2 runs: 0 to train, 2 already done, 0 failed, 0 invalid" in dry.output
+
+    bn = next(f for f in folders if "-bn-" in f.name)
+    ln = next(f for f in folders if "-ln-" in f.name)
+    set_status(bn, "running")  # killed mid-run
+    assert [p.state for p in sweep.plan(args)] == ["running", "completed"]
+    trained.clear()
+    assert sweep.run(args).trained == 1 and trained == [bn.name]
+    assert results.read_summary(bn)["status"] == "completed"
+
+    set_status(bn, "failed")
+    set_status(ln, "diverged")
+    assert [p.state for p in sweep.plan(args)] == ["failed", "diverged"]
+    trained.clear()
+    skipped = sweep.run(args)
+    assert skipped.trained == 0 and trained == []
+    retried = sweep.run(args, retry_failed=True)
+    assert retried.trained == 2 and sorted(trained) == sorted([bn.name, ln.name])
+    assert retried.failures == []
+    assert [results.read_summary(f)["status"] for f in (bn, ln)] == ["completed", "completed"]
+
+
+def test_resume_ignores_a_folder_of_another_config(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn")
+    sweep.run(args)
+    (folder,) = run_folders(tmp_path / "default")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["config_hash"] = "0" * 12  # same folder name, different settings: not this run
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert [p.state for p in sweep.plan(args)] == ["new"]
+    (folder / "summary.json").write_text("{ not json")
+    assert [p.state for p in sweep.plan(args)] == ["new"]
+    trained.clear()
+    assert sweep.run(args).trained == 1 and trained == [folder.name]
+
+
+def test_interrupted_sweep_resumes_only_unfinished_runs(tmp_path, monkeypatch, trained):
+    real_fit = normbench.runner.fit
+    fits = []
+
+    def fit_then_killed(cfg, model, data, progress=None, **kwargs):
+        fits.append(run_id(cfg))
+        result = real_fit(cfg, model, data, progress, **kwargs)  # metrics.csv is on disk ...
+        if len(fits) == 3:
+            raise KeyboardInterrupt  # ... but the summary still says running
+        return result
+
+    monkeypatch.setattr(normbench.runner, "fit", fit_then_killed)
+    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(args)
+    assert len(trained) == 3
+    experiment = tmp_path / "default"
+    killed = experiment / trained[2]
+    assert results.read_summary(killed)["status"] == "running"
+    assert len(results.read_metrics(killed)) == 1  # complete-looking metrics, unfinished run
+
+    summaries, curves, warnings = results.scan(experiment)
+    assert sorted(s["run_id"] for s in summaries) == sorted(trained[:2])
+    assert trained[2] not in curves and warnings == []
+
+    planned = sweep.plan(args)
+    assert [p.state for p in planned] == ["completed", "completed", "running", "new"]
+    never_started = run_id(planned[3].cfg)
+    trained.clear()
+    outcome = sweep.run(args)
+    assert trained == [killed.name, never_started]
+    assert outcome.trained == 2 and outcome.failures == []
+    summaries, _, warnings = results.scan(experiment)
+    assert len(summaries) == 4 and warnings == []
+    assert {s["status"] for s in summaries} == {"completed"}
+
+
+# ---- failures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ln_fails(monkeypatch):
+    real_fit = normbench.runner.fit
+
+    def fit(cfg, model, data, progress=None, **kwargs):
+        if cfg.norm.name == "ln":
+            raise RuntimeError("injected failure in ln")
+        return real_fit(cfg, model, data, progress, **kwargs)
+
+    monkeypatch.setattr(normbench.runner, "fit", fit)
+    return real_fit
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path, ln_fails, trained):
+    outcome = sweep.run(tiny(tmp_path, "norm=ln,bn", "seed=0,1"))
+    assert len(trained) == 4 and outcome.trained == 4
+    ln_ids = [r for r in trained if "-ln-" in r]
+    assert len(ln_ids) == 2
+    assert outcome.failures == [(r, "RuntimeError: injected failure in ln") for r in ln_ids]
+    assert [o["status"] for o in outcome.outcomes] == ["failed", "failed", "completed", "completed"]
+    for rid in ln_ids:
+        summary = results.read_summary(tmp_path / "default" / rid)
+        assert summary["status"] == "failed"
+        assert summary["error"] == "RuntimeError: injected failure in ln"
+        assert "injected failure in ln" in summary["traceback"]
+        assert summary["final"] is None and summary["finished_at"]
+    summaries, _, warnings = results.scan(tmp_path / "default")
+    assert sorted(s["status"] for s in summaries) == ["completed", "completed", "failed", "failed"]
+
+
+def test_a_failure_left_from_an_earlier_sweep_is_still_reported(tmp_path, ln_fails):
+    args = tiny(tmp_path, "norm=ln")
+    first = sweep.run(args)
+    assert len(first.failures) == 1
+    rid = first.failures[0][0]
+    again = sweep.run(args)  # same command, nothing new to train
+    assert [p.state for p in again.planned] == ["failed"]
+    assert [what for what, _ in again.failures] == [rid]
+
+
+def test_cli_sweep_reports_failures_with_a_nonzero_exit(tmp_path, ln_fails, monkeypatch):
+    args = tiny(tmp_path, "norm=bn,ln")
+    result = CliRunner().invoke(app, ["sweep", *args])
+    assert result.exit_code == 1, result.output
+    ln_id = next(p.name for p in run_folders(tmp_path / "default") if "-ln-" in p.name)
+    assert "without a result (failed or invalid): 1" in result.output
+    assert f"{ln_id}: RuntimeError: injected failure in ln" in result.output
+    assert "trained 2" in result.output
+    experiment = tmp_path / "default"
+    assert (experiment / "report.md").is_file()  # the report is still built from the run that worked
+    assert json.loads((experiment / "sweeps.json").read_text())[-1]["failed"] == 1
+
+    monkeypatch.setattr(normbench.runner, "fit", ln_fails)  # fixed: retrying trains it again
+    result = CliRunner().invoke(app, ["sweep", "--retry-failed", *args])
+    assert result.exit_code == 0, result.output
+    assert results.read_summary(experiment / ln_id)["status"] == "completed"
+    assert "trained 1" in result.output
+
+
+# ---- --dry-run -------------------------------------------------------------------------------------------
+
+
+def test_dry_run_lists_runs_and_trains_nothing(tmp_path, trained):
+    args = tiny(tmp_path, "norm=bn,ln", "seed=0,1")
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 4 to train, 0 already done, 0 failed, 0 invalid" in result.output
+    for p in sweep.plan(args):
+        assert run_id(p.cfg) in result.output
+    assert "norm=ln seed=1" in result.output  # the varying overrides of each run
+    assert trained == []
+    assert run_folders(tmp_path / "default") == []
+
+
+def test_dry_run_with_an_invalid_combination_exits_1(tmp_path, trained):
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny(tmp_path, "norm=bn,in")])
+    assert result.exit_code == 1, result.output
+    assert "invalid: norm 'in' (instance norm) is undefined on flat features" in result.output
+    assert "2 runs: 1 to train, 0 already done, 0 failed, 1 invalid" in result.output
+    assert trained == [] and run_folders(tmp_path / "default") == []
+
+
+# ---- --jobs: worker processes ------------------------------------------------------------------------------
+
+
+def test_jobs_2_trains_every_run_in_worker_processes_with_the_sequential_results(tmp_path):
+    import torch
+
+    args = ["norm=bn,ln", "seed=0,1", "batch_size=8"]
+    outcome = sweep.run(tiny(tmp_path / "par", *args), jobs=2)
+    assert [o["status"] for o in outcome.outcomes] == ["completed"] * 4
+    assert outcome.trained == 4 and outcome.failures == []
+    folders = run_folders(tmp_path / "par" / "default")
+    assert [f.name for f in folders] == sorted(o["run_id"] for o in outcome.outcomes)
+    threads = max(1, sweep.cpu_cores() // 2)
+    assert {results.read_summary(f)["threads"] for f in folders} == {threads}  # cores split between workers
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the workers' thread count: float sums in the same order
+    try:
+        sequential = sweep.run(tiny(tmp_path / "seq", *args))
+    finally:
+        torch.set_num_threads(previous)
+    assert sequential.trained == 4
+    for folder in folders:  # same runs, same numbers, whichever process trained them
+        twin = tmp_path / "seq" / "default" / folder.name
+        columns = ["epoch", "train_loss", "test_acc", "test_acc_batch_stats", "test_acc_precise"]
+        assert results.read_metrics(folder)[columns].equals(results.read_metrics(twin)[columns])
+
+    again = sweep.run(tiny(tmp_path / "par", *args), jobs=2)  # resumes like a sequential sweep: all done
+    assert again.trained == 0 and again.outcomes == []
+
+
+def _dies_on_ln(cfg, retry_failed):
+    """A worker's train function that kills its process on ln runs (as an out-of-memory kill would)."""
+    if cfg.norm.name == "ln":
+        os._exit(3)
+    return sweep._worker_train(cfg, retry_failed)
+
+
+def _start_time(cfg, retry_failed):
+    return {"run_id": run_id(cfg), "status": "completed", "error": None, "started": time.time()}
+
+
+def test_a_worker_that_dies_fails_its_run_and_the_sweep_goes_on(tmp_path):
+    planned = sweep.plan(tiny(tmp_path, "norm=bn,ln,none"))
+    with sweep.Workers(1, train=_dies_on_ln) as workers:
+        for p in planned:
+            workers.offer(p)
+        outcomes = workers.join()
+    assert [o["status"] for o in outcomes] == ["completed", "failed", "completed"]
+    assert "worker process died" in outcomes[1]["error"] and "again to resume" in outcomes[1]["error"]
+    assert results.read_summary(results.run_dir(planned[2].cfg))["status"] == "completed"  # on a fresh worker
+
+
+def test_workers_start_the_costliest_waiting_run_first(tmp_path):
+    planned = sweep.plan(tiny(tmp_path, "seed=0,1,2,3,4"))
+    for p, cost in zip(planned, [1, 5, 2, 4, 3]):
+        p.cost = cost
+    with sweep.Workers(1, train=_start_time) as workers:
+        for p in planned:
+            workers.offer(p)
+        outcomes = workers.join()
+    assert [o["run_id"] for o in outcomes] == [run_id(p.cfg) for p in planned]  # in the order offered
+    by_start = [p.cost for _, p in sorted(zip((o["started"] for o in outcomes), planned), key=lambda t: t[0])]
+    assert by_start[1:] == sorted(by_start[1:], reverse=True)  # the first may start before the rest arrive
+
+
+def test_workers_skip_runs_that_need_no_training(tmp_path):
+    planned = sweep.plan(tiny(tmp_path, "norm=bn,in"))
+    planned[0].state = "completed"
+    with sweep.Workers(2, train=_start_time) as workers:
+        for p in planned:
+            workers.offer(p)
+        assert workers.join() == []
+
+
+def test_each_worker_keeps_to_its_own_gpu(tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(sweep, "train_job", lambda cfg, retry_failed: seen.append(cfg.device))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for slot in range(3):
+        monkeypatch.setattr(sweep, "_worker_slot", slot)
+        sweep._worker_train(compose(tiny(tmp_path) + ["device=auto"]), False)
+    sweep._worker_train(compose(tiny(tmp_path)), False)
+    assert seen == ["cuda:0", "cuda:1", "cuda:0", "cpu"]  # an explicit device is left alone
+
+
+def test_jobs_with_another_hydra_launcher_is_refused(tmp_path):
+    assert sweep.configured_launcher(tiny(tmp_path)) == "basic"
+    assert sweep.configured_launcher(tiny(tmp_path) + ["hydra/launcher=submitit_local"]) == "submitit_local"
+    with pytest.raises(UserError, match="--jobs runs processes on this machine; with hydra/launcher=submitit_local"):
+        sweep.run(tiny(tmp_path) + ["hydra/launcher=submitit_local"], jobs=2)
+
+
+@pytest.mark.parametrize("bad", ["norm=bn,nope", "batch_size=8,eight"])
+def test_a_bad_value_in_a_parallel_sweep_stops_it_with_no_worker_left(tmp_path, bad):
+    with pytest.raises(UserError, match="nope|eight"):
+        sweep.run(tiny(tmp_path, bad), jobs=2)
+    assert multiprocessing.active_children() == []

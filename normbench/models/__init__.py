@@ -44,5 +44,36 @@ def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: 
     return model
 
 
+def forward_work(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(module calls, multiply-accumulates) of one sample's forward pass: the two things a training step's
+    time grows with (per-call overhead, arithmetic). Conv and linear layers are counted; a cell that
+    would run a fused kernel is counted on its step loop, which does the same arithmetic."""
+    calls = macs = 0
+
+    def count(module, inputs, output):
+        nonlocal calls, macs
+        calls += 1
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            macs += module.weight.numel() * (output.numel() // module.weight.shape[0])
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    looped = [m for m in model.modules() if hasattr(m, "use_loop")]
+    was_training = model.training
+    try:
+        for m in looped:
+            m.use_loop = True
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for m in looped:
+            del m.use_loop  # back to the class's default
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls, macs
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
