@@ -294,13 +294,16 @@ class Workers:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if error is not None:  # Ctrl-C or a planning error: stop now; the runs resume from checkpoints next time
-            with self.changed:
-                self.waiting.clear()
-                self.closed = True
-                self.changed.notify_all()
-            for child in set(multiprocessing.active_children()) - self.others:
-                child.terminate()
+        if error is None:  # every run is done: the idle workers exit on their own while the report is written
+            self.pool.shutdown(wait=False)
+            return
+        # Ctrl-C or a planning error: stop now; the runs resume from their checkpoints next time
+        with self.changed:
+            self.waiting.clear()
+            self.closed = True
+            self.changed.notify_all()
+        for child in set(multiprocessing.active_children()) - self.others:
+            child.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -335,11 +338,17 @@ class _FolderWatcher(threading.Thread):
     def __init__(self, planned: list[Planned], on_change, interval: float = 1.0):
         super().__init__(daemon=True)
         self.folders = {run_id(p.cfg): results.run_dir(p.cfg) for p in planned if p.cfg is not None}
+        self.seen: dict[str, dict] = {}  # finished runs: their summaries are not read again
         self.on_change, self.interval = on_change, interval
         self.stop_event = threading.Event()
 
     def poll(self) -> dict[str, dict | None]:
-        return {rid: results.read_summary(folder) for rid, folder in self.folders.items()}
+        for rid, folder in self.folders.items():
+            if rid not in self.seen:
+                summary = results.read_summary(folder)
+                if summary is not None and summary.get("status") in results.FINISHED:
+                    self.seen[rid] = summary
+        return {rid: self.seen.get(rid) for rid in self.folders}
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
