@@ -10,7 +10,8 @@ A sweep runs in two passes over the same expansion:
 
 1. plan: every job is composed, validated (data present, model/norm compatible)
    and matched against its run folder, always with Hydra's basic launcher, in
-   this process. ``--dry-run`` stops here.
+   this process. ``--dry-run`` stops here. With ``--jobs N`` each planned job goes
+   to the workers at once, so training starts while planning goes on.
 2. train: on this machine, normbench trains the configs the plan composed, one
    after another or ``--jobs N`` at a time in worker processes (longest first, CPU
    threads split between them, one GPU each where there are several). With
@@ -49,7 +50,8 @@ from normbench.config import to_config
 from normbench.errors import ResultsError, UserError
 from normbench.train import Progress
 
-def _hydra(config_dir: str | Path | None):
+def _hydra() -> Hydra:
+    """A fresh Hydra on the packaged configs (a user config dir comes in through the overrides)."""
     GlobalHydra.instance().clear()
     search_path = create_config_search_path(f"pkg://{CONFIG_MODULE}")
     return Hydra.create_main_hydra2(task_name="normbench", config_search_path=search_path)
@@ -58,8 +60,8 @@ def _hydra(config_dir: str | Path | None):
 def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path | None = None) -> list:
     """Run `task_function` on every job of a Hydra sweep; return the jobs' return values in order."""
     try:
-        batches = _hydra(config_dir).multirun(config_name="config", task_function=task_function,
-                                              overrides=list(overrides) + search_path_overrides(config_dir))
+        batches = _hydra().multirun(config_name="config", task_function=task_function,
+                                    overrides=list(overrides) + search_path_overrides(config_dir))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:
@@ -70,8 +72,8 @@ def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path |
 def configured_launcher(overrides: list[str], config_dir: str | Path | None = None) -> str:
     """The Hydra launcher the sweep asks for (command line, preset or user config): 'basic' unless set."""
     try:
-        cfg = _hydra(config_dir).compose_config("config", list(overrides) + search_path_overrides(config_dir),
-                                                run_mode=RunMode.MULTIRUN)
+        cfg = _hydra().compose_config("config", list(overrides) + search_path_overrides(config_dir),
+                                      run_mode=RunMode.MULTIRUN)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:

@@ -76,6 +76,11 @@ def test_hydra_internals_have_the_expected_signatures():
     multirun = inspect.signature(Hydra.multirun)
     assert list(multirun.parameters)[:4] == ["self", "config_name", "task_function", "overrides"]
     assert all(p.default is not inspect.Parameter.empty for p in list(multirun.parameters.values())[4:])
+    compose_config = inspect.signature(Hydra.compose_config)
+    assert list(compose_config.parameters)[:4] == ["self", "config_name", "overrides", "run_mode"]
+    from hydra.types import RunMode
+
+    assert sweep.RunMode is RunMode and RunMode.MULTIRUN
     search = inspect.signature(create_config_search_path)
     assert list(search.parameters) == ["search_path_dir"]
     # what hydra_multirun reads back from the jobs
