@@ -62,6 +62,7 @@ def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
 def write(report: Report) -> Path:
     """Write runs.csv, summary.csv, pivot.csv, delta_vs_bn.csv, degradation.csv, figures and report.md."""
     out = report.experiment
+    results.remove_stale_temp_files(out)  # a sweep killed while writing its report may have left one
     results.write_table(out / "runs.csv", report.runs)
     results.write_table(out / "summary.csv", report.summary)
     results.write_table(out / "pivot.csv", report.pivot, index=True)

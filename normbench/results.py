@@ -36,6 +36,16 @@ METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss",
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of writes that never finished (`atomic_write` in a process that was killed).
+
+    The files they were to replace are intact, so nothing is lost. Call it only where no other process
+    is writing: in a run folder when its run starts, in an experiment folder when its report is written.
+    """
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` through a temp file and a rename: all or nothing.
 

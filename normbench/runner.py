@@ -153,6 +153,7 @@ def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
     data, model = prepare(cfg, device)
     params = count_parameters(model)
     resume = _resume_state(folder, cfg)
+    results.remove_stale_temp_files(folder)  # a killed run may have left one mid-write
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume is None:
         results.remove_checkpoint(folder)

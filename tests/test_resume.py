@@ -73,3 +73,23 @@ def test_a_damaged_checkpoint_means_a_fresh_start(tmp_path):
     (results.run_dir(cfg) / results.CHECKPOINT).write_bytes(b"not a checkpoint")
     assert runner.execute(cfg).summary["status"] == "completed"
     assert len(results.read_metrics(results.run_dir(cfg))) == 2
+
+
+def test_temp_files_of_a_killed_write_are_removed_when_the_run_starts_again(tmp_path):
+    """SIGKILL between atomic_write's temp file and its rename leaves the temp file; the next start clears it."""
+    from normbench import report
+
+    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(cfg, StopAfter(1))
+    folder = results.run_dir(cfg)
+    metrics_before = (folder / "metrics.csv").read_bytes()
+    (folder / ".metrics.csv.k1ll3d.tmp").write_text("epoch,st")  # what a kill mid-write leaves
+    experiment = folder.parent
+    (experiment / ".runs.csv.k1ll3d.tmp").write_text("run_id,")
+    assert results.read_metrics(folder).shape[0] == 1 and (folder / "metrics.csv").read_bytes() == metrics_before
+
+    assert runner.execute(cfg).summary["status"] == "completed"
+    assert not list(folder.glob(".*.tmp"))
+    report.write(report.build(experiment))
+    assert not list(experiment.glob(".*.tmp"))
