@@ -105,11 +105,23 @@ class SweepDisplay(EpochProgress):
     def __init__(self, out: Console = console):
         super().__init__(epochs=0, batch_size=1, out=out)
         self.overall = None
+        self.planning = None
         self.reported: set[str] = set()
         self.total = 0
 
+    def planned(self, job) -> None:
+        """One more job composed and checked: a count while Hydra plans the sweep (on a terminal only)."""
+        if self.bar:
+            if self.planning is None:
+                self.planning = self.bar.add_task("planning", total=None, loss="", speed="")
+            self.bar.advance(self.planning)
+
     def start_sweep(self, planned, retry_failed: bool) -> None:
         from normbench.sweep import to_train
+
+        if self.bar and self.planning is not None:
+            self.bar.remove_task(self.planning)
+            self.planning = None
 
         valid = [p for p in planned if p.cfg is not None]
         self.total = len(valid)

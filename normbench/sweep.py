@@ -389,14 +389,19 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     if jobs > 1 and launcher != "basic":
         raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
                         "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+    shown = display.planned if display is not None else (lambda p: None)
     if launcher == "basic" and jobs > 1:
         with Workers(jobs, retry_failed) as workers:
-            planned = plan(overrides, config_dir, on_planned=workers.offer)  # training starts meanwhile
+            def on_planned(p: Planned) -> None:
+                shown(p)
+                workers.offer(p)  # training starts while the rest is planned
+
+            planned = plan(overrides, config_dir, on_planned)
             outcome = SweepOutcome(planned, retry_failed)
             with _watching(planned, retry_failed, display):
                 outcome.outcomes = workers.join()
     else:
-        planned = plan(overrides, config_dir)
+        planned = plan(overrides, config_dir, shown)
         outcome = SweepOutcome(planned, retry_failed)
         todo = to_train(planned, retry_failed)
         if todo:

@@ -548,3 +548,23 @@ def test_a_bad_value_in_a_parallel_sweep_stops_it_with_no_worker_left(tmp_path, 
     with pytest.raises(UserError, match="nope|eight"):
         sweep.run(tiny(tmp_path, bad), jobs=2)
     assert multiprocessing.active_children() == []
+
+
+def test_the_terminal_display_counts_planned_runs_then_shows_the_sweep(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from normbench.display import SweepDisplay
+
+    planned = sweep.plan(tiny(tmp_path, "norm=bn,ln"))
+    with SweepDisplay(Console(file=io.StringIO(), force_terminal=True, width=120)) as display:
+        for p in planned:
+            display.planned(p)
+        (task,) = display.bar.tasks
+        assert (task.description, task.completed) == ("planning", 2)
+        display.start_sweep(planned, retry_failed=False)
+        assert [t.description for t in display.bar.tasks] == ["sweep"]
+    with SweepDisplay(Console(file=io.StringIO(), force_terminal=False)) as plain:
+        plain.planned(planned[0])  # off a terminal: no line per planned run
+        assert plain.out.file.getvalue() == ""
