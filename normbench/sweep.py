@@ -121,13 +121,13 @@ class _Plan:
     on_planned: Callable[[Planned], None] | None = None
 
     def __call__(self, dict_cfg) -> Planned:
-        planned = self.plan(dict_cfg)
+        planned = self.check_job(dict_cfg)
         if self.on_planned:
             self.on_planned(planned)
         return planned
 
     @staticmethod
-    def plan(dict_cfg) -> Planned:
+    def check_job(dict_cfg) -> Planned:
         from normbench.runner import check  # deferred: the runner imports torch models and data
 
         overrides = list(HydraConfig.get().overrides.task)
