@@ -145,6 +145,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
     step_gamma: float = 0.1
+    # weight decay of norm scales/shifts and of biases; None: the same as weight_decay (every parameter decays)
+    norm_weight_decay: Optional[float] = None
 
 
 @dataclass
@@ -353,15 +355,27 @@ def to_dict(cfg: Config) -> dict:
 NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_checkpoint", "perf.channels_last")
 
 
+# Settings added after results existed, hashed only when they differ from their default (which is the
+# behaviour before they existed), so adding a knob never orphans a finished run.
+HASHED_WHEN_SET = {"optim.norm_weight_decay": None}
+
+
+def _pop(d: dict, key: str):
+    *parents, leaf = key.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    return d.pop(leaf, None)
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of every setting that changes the result; output locations and the device are left out."""
     d = to_dict(cfg)
     for key in NOT_HASHED:
-        *parents, leaf = key.split(".")
-        node = d
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
+        _pop(d, key)
+    for key, default in HASHED_WHEN_SET.items():
+        value = _pop(d, key)
+        if value != default:
+            d[key] = value
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
