@@ -369,7 +369,12 @@ def _pop(d: dict, key: str):
 
 def config_hash(cfg: Config) -> str:
     """Hash of every setting that changes the result; output locations and the device are left out."""
-    d = to_dict(cfg)
+    return dict_hash(to_dict(cfg))
+
+
+def dict_hash(config: dict) -> str:
+    """`config_hash` of a config as `to_dict` gives it (e.g. read back from a summary.json)."""
+    d = json.loads(json.dumps(config))
     for key in NOT_HASHED:
         _pop(d, key)
     for key, default in HASHED_WHEN_SET.items():
