@@ -5,85 +5,20 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from normbench import analysis
-from normbench.analysis import diff_ci, mean_ci, t95
+from normbench.analysis import diff_ci
 from normbench.config import compose, to_dict
 
-# ---- statistics ------------------------------------------------------------------------------------------
+T2, T4 = stats.t.ppf(0.975, 2), stats.t.ppf(0.975, 4)  # 95% t quantiles at 2 and 4 df
 
-
-@pytest.mark.parametrize("df, expected", [
-    (1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (20, 2.086), (30, 2.042),
-    (60, 2.000), (120, 1.980), (1000, 1.962),
-])
-def test_t95_matches_student_t_table(df, expected):
-    assert t95(df) == pytest.approx(expected, abs=1e-3)
-
-
-def test_t95_fractional_df_lies_between_neighbours_and_decreases():
-    values = [t95(df) for df in np.arange(1.0, 40.0, 0.25)]
-    assert all(a > b for a, b in zip(values, values[1:])), "t quantile must fall as df grows"
-    assert t95(2) > t95(2.5) > t95(3)
-    assert t95(29.5) == pytest.approx((t95(29) + t95(30)) / 2)
-    assert abs(t95(30.0001) - t95(30)) < 1e-3  # the table and the expansion meet at 30
-
-
-@pytest.mark.parametrize("df", [0, 0.5, -1, math.nan])
-def test_t95_undefined_below_one_df(df):
-    assert math.isnan(t95(df))
-
-
-def test_mean_ci_three_values():
-    mean, half, n = mean_ci([1.0, 2.0, 3.0])
-    assert (mean, n) == (2.0, 3)
-    assert half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-9)
-    assert half == pytest.approx(2.484, abs=1e-3)
-
-
-def test_mean_ci_ignores_missing_values_and_handles_small_n():
-    assert mean_ci([1.0, None, math.nan, 3.0, math.inf]) == pytest.approx((2.0, 12.706, 2))  # sd sqrt(2), n 2
-    mean, half, n = mean_ci([5.0])
-    assert (mean, n) == (5.0, 1) and math.isnan(half)
-    mean, half, n = mean_ci([])
-    assert n == 0 and math.isnan(mean) and math.isnan(half)
-
-
-def test_diff_ci_equal_variances_gives_pooled_df():
-    # var 1 each, n 3 each: se = sqrt(2/3), Welch df = 4 exactly
-    d, h = diff_ci([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
-    assert d == pytest.approx(-1.0)
-    assert h == pytest.approx(2.776 * math.sqrt(2 / 3), abs=1e-9)
-
-
-def test_diff_ci_welch_unequal_variances():
-    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0]
-    va, vb = 1.0 / 3, np.var(b, ddof=1) / 4
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
-    assert 3 < df < 5 and not float(df).is_integer()
-    d, h = diff_ci(a, b)
-    assert d == pytest.approx(2.0 - 7.0)
-    assert h == pytest.approx(t95(df) * se)
-    # Welch differs from the pooled-variance interval
-    pooled = math.sqrt(((2 * 1.0) + (3 * np.var(b, ddof=1))) / 5 * (1 / 3 + 1 / 4)) * t95(5)
-    assert abs(h - pooled) > 0.1
-
-
-def test_diff_ci_edge_cases():
-    assert diff_ci([2.0, 2.0], [1.0, 1.0]) == (1.0, 0.0)  # no noise: exact
-    d, h = diff_ci([3.0], [1.0, 2.0])
-    assert d == pytest.approx(1.5) and math.isnan(h)
-    d, h = diff_ci([], [1.0])
-    assert math.isnan(d) and math.isnan(h)
-    d, h = diff_ci([1.0, math.nan, 3.0], [1.0, 2.0, 3.0])  # NaN dropped
-    assert d == pytest.approx(0.0)
-    assert h == pytest.approx(t95(((2 / 2) + (1 / 3)) ** 2 / ((2 / 2) ** 2 / 1 + (1 / 3) ** 2 / 2))
-                              * math.sqrt(2 / 2 + 1 / 3))
+# ---- formatting ------------------------------------------------------------------------------------------
 
 
 def test_fmt_ci():
@@ -145,16 +80,16 @@ def one(frame: pd.DataFrame, **where) -> pd.Series:
 # BN loses 20 points from batch 128 to 2 (seed noise 0.5); LN is flat.
 BN_DROP = {("bn", 128): [90.0, 90.5, 89.5], ("bn", 2): [70.0, 70.5, 69.5],
            ("ln", 128): [88.0, 88.5, 87.5], ("ln", 2): [88.5, 87.5, 88.0]}
-BN_PRECISE_GAIN = [14.0, 15.0, 16.0]  # recomputed statistics at batch 2, per seed
+BN_PRECISE_GAIN = (14.0, 15.0, 16.0)  # recomputed statistics at batch 2, per seed
 
 
-def bn_drop_runs(with_precise: bool = False) -> list[dict]:
+def bn_drop_runs(with_precise: bool = False, gains=BN_PRECISE_GAIN) -> list[dict]:
     out = []
     for (norm, batch), accs in BN_DROP.items():
         for seed, acc in enumerate(accs):
             extra = {}
             if with_precise and norm == "bn":
-                gain = BN_PRECISE_GAIN[seed] if batch == 2 else 0.0
+                gain = gains[seed] if batch == 2 else 0.0
                 extra = {"precise": acc + gain, "batch_stats": acc + 5.0}
             out.append(fake_run(norm, batch, seed, acc, **extra))
     return out
@@ -190,14 +125,16 @@ def test_summary_table_statistics_and_diverged_runs():
     assert (bn.n, bn.n_diverged, bn.n_failed) == (3, 1, 1)
     assert bn.test_acc_mean == pytest.approx(82.0)
     assert bn.test_acc_std == pytest.approx(2.0)
-    assert bn.test_acc_ci95 == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert bn.test_acc_ci95 == pytest.approx(T2 * 2.0 / math.sqrt(3))
     assert (bn.test_acc_min, bn.test_acc_max) == (80.0, 84.0)
     assert bn.test_acc_lo == pytest.approx(82.0 - bn.test_acc_ci95)
     assert bn.test_acc_hi == pytest.approx(82.0 + bn.test_acc_ci95)
     assert bn.train_loss_mean == pytest.approx(0.5)
     assert math.isnan(bn.test_acc_precise_mean)
+    assert (bn.n_planned, bn.n_missing) == (5, 0)  # the panel ran seeds 0-4
     ln = one(summary, norm="ln")
     assert (ln.n, ln.n_diverged, ln.test_acc_mean) == (1, 0, 85.0)
+    assert (ln.n_planned, ln.n_missing) == (5, 4)
     assert math.isnan(ln.test_acc_std) and math.isnan(ln.test_acc_ci95)
     assert list(summary.columns[:4]) == ["data", "model", "norm", "batch_size"]
 
@@ -223,8 +160,8 @@ def test_pivot_cells():
     assert pv.index.names == ["data", "model", "norm"]
     assert list(pv.columns) == [2, 128]
     assert pv.loc[("synthetic", "mlp", "bn"), 2] == "71.0 ± 12.7"  # sd sqrt(2), n 2: 12.706
-    assert pv.loc[("synthetic", "mlp", "bn"), 128] == "90.0 ± 0.0"
-    assert pv.loc[("synthetic", "mlp", "ln"), 2] == "88.0"  # one seed: no interval
+    assert pv.loc[("synthetic", "mlp", "bn"), 128] == "90.0 (no spread)"  # not a zero-width interval
+    assert pv.loc[("synthetic", "mlp", "ln"), 2] == "88.0 (1/2 missing)"  # one seed of the panel's two: no interval
     assert pv.loc[("synthetic", "mlp", "ln"), 128] == "-"  # not run
 
 
@@ -234,7 +171,7 @@ def test_delta_vs_bn_and_degradation():
     assert set(delta.norm) == {"ln"}
     small = one(delta, batch_size=2)
     assert small.delta == pytest.approx(88.0 - 70.0)
-    assert small.delta_ci95 == pytest.approx(2.776 * math.sqrt(0.25 / 3 + 0.25 / 3))  # Welch df = 4
+    assert small.delta_ci95 == pytest.approx(T4 * math.sqrt(0.25 / 3 + 0.25 / 3))  # Welch df = 4
     assert one(delta, batch_size=128).delta == pytest.approx(88.0 - 90.0)
 
     assert set(degr.norm) == {"bn", "ln"}
@@ -242,7 +179,7 @@ def test_delta_vs_bn_and_degradation():
     assert (bn.small_batch, bn.large_batch) == (2, 128)
     assert (bn.acc_small, bn.acc_large) == (pytest.approx(70.0), pytest.approx(90.0))
     assert bn["drop"] == pytest.approx(20.0)  # largest batch minus smallest
-    assert bn.drop_ci95 == pytest.approx(2.776 * math.sqrt(0.25 / 3 + 0.25 / 3))
+    assert bn.drop_ci95 == pytest.approx(T4 * math.sqrt(0.25 / 3 + 0.25 / 3))
     assert one(degr, norm="ln")["drop"] == pytest.approx(0.0)
 
 
@@ -258,7 +195,7 @@ def test_verdict_bn_degrades_ln_flat():
     _, _, _, verdict = tables(bn_drop_runs())
     assert list(verdict) == ["synthetic / mlp"]
     lines = verdict["synthetic / mlp"]
-    half = 2.776 * math.sqrt(0.25 / 3 + 0.25 / 3)
+    half = T4 * math.sqrt(0.25 / 3 + 0.25 / 3)
     assert lines[0] == (f"bn degrades as the batch shrinks: 20.0 ± {half:.1f} points lower at batch 2 "
                         "than at 128.")
     assert lines[1] == f"ln within +0.0 ± {half:.1f} points from batch 128 down to 2: no degradation detected."
@@ -273,9 +210,13 @@ def test_verdict_recovery_sentence_with_precise_bn():
     assert len(lines) == 4
     recovery = lines[3]
     assert recovery.startswith("At batch 2, recomputing BN's statistics after training changes its test accuracy by "
-                               f"+15.0 ± {4.303 / math.sqrt(3):.1f} points;")
-    assert "its own statistics changes it by +5.0 ± 0.0 points." in recovery
-    assert recovery.endswith("Recomputed statistics recover 75% of the 20.0-point loss.")
+                               f"+15.0 ± {T2 / math.sqrt(3):.1f} points;")
+    # every seed gains exactly 5: no spread, so no interval (never "± 0.0")
+    assert "its own statistics changes it by +5.0 points (no spread between seeds, so no interval)." in recovery
+    share, lo, hi, _ = analysis.recovered_share([70.0, 70.5, 69.5], [84.0, 85.5, 85.5], [90.0, 90.5, 89.5])
+    assert recovery.endswith(f"Recomputed statistics recover 75% of the 20.0-point loss "
+                             f"(95% interval {100 * lo:.0f}% to {100 * hi:.0f}%).")
+    assert "± 0.0" not in recovery
 
 
 def test_verdict_bn_flat_within_noise():
@@ -309,9 +250,9 @@ def test_verdict_one_seed_gives_no_interval():
     summaries = [fake_run("bn", 128, 0, 90.0), fake_run("bn", 2, 0, 70.0),
                  fake_run("ln", 128, 0, 88.0), fake_run("ln", 2, 0, 87.0)]
     lines = tables(summaries)[3]["synthetic / mlp"]
-    assert lines[0] == "bn: +20.0 points between batch 2 and 128, from one seed: no interval, no verdict."
-    assert lines[1] == "ln: +1.0 points between batch 2 and 128, from one seed: no interval, no verdict."
-    assert lines[2] == "At batch 2, ln vs bn: +17.0 points (one seed: no interval): no detectable difference."
+    assert lines[0] == "bn: +20.0 points between batch 2 and 128; one seed: no interval, so no test."
+    assert lines[1] == "ln: +1.0 points between batch 2 and 128; one seed: no interval, so no test."
+    assert lines[2] == "At batch 2, ln vs bn: +17.0 points (one seed: no interval, so no test)."
     assert not any("degrades" in line or "beats" in line for line in lines)
 
 
@@ -355,3 +296,102 @@ def test_bn_label_choice():
     assert analysis.bn_label(["bn[recurrent_stats=shared]", "bn[recurrent_stats=per_step]"]) == \
         "bn[recurrent_stats=per_step]"
     assert analysis.bn_label(["ln", "gn"]) is None
+
+
+# ---- seeds that diverged, failed or never finished ------------------------------------------------------
+
+FLAT = {("bn", 128): [90.0, 90.5, 89.5], ("ln", 128): [88.0, 88.5, 87.5], ("ln", 2): [88.5, 87.5, 88.0]}
+
+
+def flat_runs() -> list[dict]:
+    return [fake_run(n, b, s, a) for (n, b), accs in FLAT.items() for s, a in enumerate(accs)]
+
+
+def test_two_of_three_diverged_seeds_are_in_the_cell_and_the_verdict():
+    summaries = flat_runs() + [fake_run("bn", 2, 0, 95.0), fake_run("bn", 2, 1, 10.0, status="diverged"),
+                               fake_run("bn", 2, 2, None, status="diverged")]
+    runs, summary, degr, verdict = tables(summaries)
+    bn = one(summary, norm="bn", batch_size=2)
+    assert (bn.n_planned, bn.n, bn.n_diverged, bn.n_failed, bn.n_missing) == (3, 1, 2, 0, 0)
+    assert analysis.pivot(summary).loc[("synthetic", "mlp", "bn"), 2] == "95.0 (2/3 diverged)"
+    lines = verdict["synthetic / mlp"]
+    assert lines[0] == "bn: 2 of 3 seeds diverged at batch 2."
+    assert lines[1] == ("bn: -5.0 points between batch 2 and 128 (completed seeds only: 1 of 3 at batch 2); "
+                        "one seed: no interval, so no test.")
+    assert lines[3] == ("At batch 2, ln vs bn (completed seeds only: 1 of 3 for bn): -7.0 points "
+                        "(one seed: no interval, so no test).")
+    assert not any("beats" in line for line in lines)  # the survivor alone ranks nothing
+
+
+def test_all_seeds_diverged_leaves_no_mean_but_the_finding():
+    summaries = flat_runs() + [fake_run("bn", 2, s, None, status="diverged") for s in range(3)]
+    summaries += [fake_run("bn", 4, 0, 80.0), fake_run("bn", 4, 1, 81.0), fake_run("bn", 4, 2, None, status="diverged")]
+    runs, summary, degr, verdict = tables(summaries)
+    pv = analysis.pivot(summary)
+    assert pv.loc[("synthetic", "mlp", "bn"), 2] == "3/3 diverged"
+    assert pv.loc[("synthetic", "mlp", "bn"), 4] == f"80.5 ± {stats.t.ppf(0.975, 1) * 0.5:.1f} (1/3 diverged)"  # sd/sqrt(n) = 0.5
+    lines = verdict["synthetic / mlp"]
+    assert lines[0] == "bn: 3 of 3 seeds diverged at batch 2, 1 of 3 at batch 4."
+    assert lines[1].startswith("bn degrades as the batch shrinks: 9.5 ± ")
+    assert lines[1].endswith("points lower at batch 4 than at 128 (completed seeds only: 2 of 3 at batch 4).")
+    assert not any(line.startswith("At batch 2") for line in lines)  # no BN seed at batch 2 to compare with
+
+
+def test_failed_and_missing_seeds_are_counted():
+    summaries = flat_runs() + [fake_run("bn", 2, 0, 95.0), fake_run("bn", 2, 1, None, status="failed")]
+    runs, summary, degr, verdict = tables(summaries)  # seed 2 at batch 2 never finished
+    bn = one(summary, norm="bn", batch_size=2)
+    assert (bn.n_planned, bn.n, bn.n_diverged, bn.n_failed, bn.n_missing) == (3, 1, 0, 1, 1)
+    assert analysis.lost_seeds(bn) == "1/3 failed, 1/3 missing"
+    assert analysis.pivot(summary).loc[("synthetic", "mlp", "bn"), 2] == "95.0 (1/3 failed, 1/3 missing)"
+    lines = verdict["synthetic / mlp"]
+    assert lines[:2] == ["bn: 1 of 3 seeds failed at batch 2.",
+                         "bn: 1 of 3 seeds missing at batch 2 (not run, or not finished)."]
+
+
+def test_lost_seeds_are_reported_with_a_single_batch_size():
+    summaries = [fake_run("bn", 2, 0, 90.0), fake_run("bn", 2, 1, None, status="diverged")]
+    runs, summary, degr, verdict = tables(summaries)
+    assert degr.empty
+    assert verdict == {"synthetic / mlp": ["bn: 1 of 2 seeds diverged at batch 2."]}
+
+
+# ---- no interval without spread, and a bounded recovery -------------------------------------------------
+
+
+def test_zero_variance_pairs_give_no_plus_minus_zero():
+    data = {("bn", 128): [90.0, 90.5, 89.5], ("bn", 2): [70.0] * 3, ("ln", 128): [88.0, 88.5, 87.5],
+            ("ln", 2): [88.0] * 3}
+    summaries = [fake_run(n, b, s, a) for (n, b), accs in data.items() for s, a in enumerate(accs)]
+    runs, summary, degr, verdict = tables(summaries)
+    lines = verdict["synthetic / mlp"]
+    assert "At batch 2, ln vs bn: +18.0 points (no spread between seeds, so no interval)." in lines
+    assert not any("± 0.0" in line or "beats" in line for line in lines)
+    assert analysis.pivot(summary).loc[("synthetic", "mlp", "ln"), 2] == "88.0 (no spread)"
+    delta = analysis.delta_vs_bn(runs, summary)
+    assert math.isnan(one(delta, batch_size=2).delta_ci95)
+
+
+@pytest.mark.parametrize("gains", [(14.0, 15.0, 16.0), (18.0, 19.5, 20.5), (19.0, 20.0, 21.0), (24.0, 25.0, 26.0),
+                                   (30.0, 35.0, 45.0)])
+def test_recovery_share_has_an_interval_and_never_exceeds_100_percent(gains):
+    lines = tables(bn_drop_runs(with_precise=True, gains=gains))[3]["synthetic / mlp"]
+    recovery = lines[-1]
+    assert "Recomputed statistics recover" in recovery
+    assert "interval" in recovery.split("Recomputed statistics recover")[1]
+    percents = [float(p) for p in re.findall(r"(\d+(?:\.\d+)?)%", recovery)]
+    assert percents and all(p <= 100 for p in percents), recovery
+
+
+def test_recovery_above_the_loss_says_all_of_it():
+    recovery = tables(bn_drop_runs(with_precise=True, gains=(24.0, 25.0, 26.0)))[3]["synthetic / mlp"][-1]
+    assert recovery.endswith("Recomputed statistics recover all of the 20.0-point loss: even the lower end of "
+                             "the 95% interval of the share reaches 100%.")
+
+
+def test_recovery_capped_at_the_whole_loss():
+    recovery = tables(bn_drop_runs(with_precise=True, gains=(18.0, 19.5, 20.5)))[3]["synthetic / mlp"][-1]
+    share, lo, hi, _ = analysis.recovered_share([70.0, 70.5, 69.5], [88.0, 90.0, 90.0], [90.0, 90.5, 89.5])
+    assert lo < 1 < hi
+    assert recovery.endswith(f"recover {100 * share:.0f}% of the 20.0-point loss "
+                             f"(95% interval {100 * lo:.0f}% to 100%).")

@@ -1,0 +1,21 @@
+"""From run folders to tables and a verdict: pure pandas, no I/O.
+
+* `stats`: means, differences and ratios over seeds with 95% intervals (scipy.stats).
+* `tables`: runs table, summary with seed counts and intervals, pivots, deltas vs BN, degradation.
+* `verdict`: sentences computed from those tables; nothing is decided in advance.
+
+Accuracies are in percent; differences are in percentage points.
+"""
+
+from normbench.analysis.stats import diff_ci, mean_ci, no_interval, paired_ci, recovered_share, t95
+from normbench.analysis.tables import (
+    LABELLED, METRICS, NOT_CONDITIONS, bn_label, cell_text, condition_columns, degradation, delta_vs_bn, fmt_ci,
+    lost_seeds, panel_columns, pivot, runs_of, runs_table, summary_table,
+)
+from normbench.analysis.verdict import verdict
+
+__all__ = [
+    "LABELLED", "METRICS", "NOT_CONDITIONS", "bn_label", "cell_text", "condition_columns", "degradation",
+    "delta_vs_bn", "diff_ci", "fmt_ci", "lost_seeds", "mean_ci", "no_interval", "paired_ci", "panel_columns",
+    "pivot", "recovered_share", "runs_of", "runs_table", "summary_table", "t95", "verdict",
+]
