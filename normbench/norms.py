@@ -118,14 +118,21 @@ class RecurrentBatchNorm(nn.Module):
         factor = self._factor(rows.start) if update else 0.0
         return F.batch_norm(x, mean, var, weight, bias, use_batch, factor, self.eps)
 
+    def row(self, t: int) -> int:
+        """The row of running averages step `t` uses."""
+        return 0 if self.shared else min(t, self.running_mean.shape[0] - 1)
+
+    def _step(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        row = self.row(t)
+        return self._norm(x, slice(row, row + 1), self.weight, self.bias)
+
     def forward(self, x: torch.Tensor, t: int | None = None) -> torch.Tensor:
-        last = self.running_mean.shape[0] - 1
         if x.dim() == 2:  # one step, (N, C)
-            row = 0 if self.shared else min(t, last)
-            return self._norm(x, slice(row, row + 1), self.weight, self.bias)
+            return self._step(x, t)
         steps, n, c = x.shape  # a whole sequence, (T, N, C)
-        if self.shared or steps > last + 1:
-            return torch.stack([self(x[s], s) for s in range(steps)])
+        if self.shared or steps > self.running_mean.shape[0]:
+            # _step, not self(...): hooks on this module see the call once, with the whole sequence
+            return torch.stack([self._step(x[s], s) for s in range(steps)])
         # Per-step statistics for all steps in one call: treat (T, C) as T*C features.
         flat = x.transpose(0, 1).reshape(n, steps * c)
         out = self._norm(flat, slice(0, steps), self.weight.repeat(steps), self.bias.repeat(steps))
@@ -134,6 +141,35 @@ class RecurrentBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         rows = "shared" if self.shared else f"steps={self.running_mean.shape[0]}"
         return f"{self.num_features}, {rows}, eps={self.eps}, momentum={self.momentum}"
+
+
+# Every module a norm is made of: what `create_norm` builds, and PyTorch's own norms.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, GroupNorm, StepNorm, RecurrentBatchNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+def batch_moments(bn: nn.Module, x: torch.Tensor, t: int | None = None
+                  ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """The statistics a train-mode forward of batch norm `bn` on `x` normalizes with.
+
+    Returns ``(rows, n, mean, var)``: `mean` and the biased `var`, each ``(K, C)``, are taken
+    over `n` values each; ``rows`` ``(K,)`` says which row of ``running_mean.view(-1, C)`` each
+    belongs to. A recurrent BN called on a whole sequence ``(T, N, C)`` gives one statistic per
+    step, so rows repeat when steps share running averages.
+    """
+    if isinstance(bn, RecurrentBatchNorm):
+        if x.dim() == 2:  # one step, (N, C)
+            var, mean = torch.var_mean(x, dim=0, correction=0)
+            return torch.tensor([bn.row(t)], device=x.device), x.shape[0], mean[None], var[None]
+        var, mean = torch.var_mean(x, dim=1, correction=0)  # (T, C): each step over the batch
+        rows = torch.tensor([bn.row(s) for s in range(x.shape[0])], device=x.device)
+        return rows, x.shape[1], mean, var
+    flat = x.transpose(0, 1).flatten(1)  # (C, N * positions)
+    var, mean = torch.var_mean(flat, dim=1, correction=0)
+    return torch.zeros(1, dtype=torch.long, device=x.device), flat.shape[1], mean[None], var[None]
 
 
 @dataclass(frozen=True)

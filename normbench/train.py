@@ -29,7 +29,7 @@ from torch import nn
 
 from normbench.config import Config, effective_lr
 from normbench.data import Data, epoch_order, get_batch
-from normbench.norms import RecurrentBatchNorm
+from normbench.norms import RecurrentBatchNorm, batch_moments, is_norm
 
 REFRESH_SECONDS = 0.5  # how often the loop reads the loss back: progress display and divergence check
 
@@ -80,13 +80,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """Two parameter groups: every parameter of a norm module (scales and shifts) and every bias
+    (a 1-D parameter named `bias` or `bias_*`) decay by `norm_weight_decay`, the rest by
+    `weight_decay`. Each keeps the order of `model.parameters()`; an empty group is left out."""
+    exempt = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
+    exempt |= {id(p) for name, p in model.named_parameters()
+               if p.dim() == 1 and name.rpartition(".")[2].partition("_")[0] == "bias"}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in exempt], "weight_decay": norm_weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over all parameters; with `optim.norm_weight_decay` set, in two `decay_groups`.
+    Unset, there is one group, as before the setting existed, so older checkpoints resume."""
     o, lr = cfg.optim, effective_lr(cfg)
+    params = (model.parameters() if o.norm_weight_decay is None
+              else decay_groups(model, o.weight_decay, o.norm_weight_decay))
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
-    return opt(model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return opt(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -185,40 +201,101 @@ def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     return 100.0 * correct.item() / n
 
 
+class PopulationMoments:
+    """The exact mean and variance of every value a BN layer's statistic covers, pooled over chunks.
+
+    A forward pre-hook on the layer: each call adds its batch moments (`batch_moments`), weighted
+    by the values they cover. Per statistic, as in Wu & Johnson 2021:
+    ``mean = E[mu_B]`` and ``var = E[sigma_B^2 + mu_B^2] - E[mu_B]^2``, with sigma_B^2 biased,
+    which is the biased variance of all the values at once. Accumulated in float64 (float32 on
+    MPS, which has no float64).
+    """
+
+    def __init__(self, bn: nn.Module):
+        self.bn = bn
+        rows = bn.running_mean.view(-1, bn.num_features)
+        self.dtype = torch.float32 if rows.device.type == "mps" else torch.float64
+        self.count = torch.zeros(rows.shape[0], 1, dtype=self.dtype, device=rows.device)  # values per row
+        self.first = torch.zeros(rows.shape, dtype=self.dtype, device=rows.device)  # sum of n_B * mu_B
+        self.second = torch.zeros_like(self.first)  # sum of n_B * (sigma_B^2 + mu_B^2)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = args[1] if len(args) > 1 else kwargs.get("t")
+        rows, n, mean, var = batch_moments(self.bn, args[0].detach(), t)
+        mean, var = mean.to(self.dtype), var.to(self.dtype)
+        self.count.index_add_(0, rows, torch.full((len(rows), 1), float(n), dtype=self.dtype, device=mean.device))
+        self.first.index_add_(0, rows, n * mean)
+        self.second.index_add_(0, rows, n * (var + mean * mean))
+
+    def install(self) -> None:
+        """running_mean: the population mean; running_var: the population variance times n / (n - 1),
+        the unbiased estimate that running_var holds in PyTorch. Rows no value reached keep theirs."""
+        n = self.count
+        mean = self.first / n.clamp_min(1)
+        var = (self.second / n.clamp_min(1) - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)
+        seen = n > 0
+        for buffer, value in ((self.bn.running_mean, mean), (self.bn.running_var, var)):
+            rows = buffer.view(-1, self.bn.num_features)
+            rows.copy_(torch.where(seen, value.to(rows.dtype), rows))
+
+
 @contextmanager
 def recomputed_statistics(model: nn.Module, x: torch.Tensor, batch_size: int):
     """Replace BN running averages by population statistics over `x` (weights frozen); restore after.
 
-    `x` is cut into nearly equal chunks, and each chunk's statistics are weighted by its size.
+    `x` runs through the model in nearly equal chunks of at most `batch_size`, with every BN
+    layer normalizing each chunk with the chunk's own statistics (train mode, running averages
+    untouched) and every other layer in eval mode. Each BN layer's input is pooled over all
+    chunks (and, for recurrent BN, over the steps that share a row) into exact population
+    statistics (`PopulationMoments`), set once at the end: the buffers one train-mode forward
+    of all of `x` at once would leave with momentum 1, up to the chunking of the layers before.
     """
     bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
-    saved = [({k: b.clone() for k, b in m.named_buffers()}, m.momentum) for m in bns]
+    saved = [{k: b.clone() for k, b in m.named_buffers()} for m in bns]
+    moments = [PopulationMoments(m) for m in bns]
+    handles = [m.register_forward_pre_hook(p, with_kwargs=True) for m, p in zip(bns, moments)]
     model.eval()
-    with torch.no_grad():
+    try:
         for m in bns:
-            m.reset_running_stats()
             m.train()
-        seen = 0
-        for chunk in torch.tensor_split(x, math.ceil(len(x) / batch_size)):
-            seen += len(chunk)
-            for m in bns:
-                m.momentum = len(chunk) / seen  # a running mean weighted by chunk size
-            model(chunk)
-    model.eval()
+            m.track_running_stats = False  # batch statistics, buffers neither read nor written
+        with torch.no_grad():
+            for chunk in torch.tensor_split(x, math.ceil(len(x) / batch_size)):
+                model(chunk)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in bns:
+            m.track_running_stats = True
+        model.eval()
+    with torch.no_grad():
+        for p in moments:
+            p.install()
     try:
         yield
     finally:
-        for m, (buffers, momentum) in zip(bns, saved):
-            m.momentum = momentum
+        for m, buffers in zip(bns, saved):
             for k, b in m.named_buffers():
                 b.copy_(buffers[k])
 
 
-def evaluate_precise(model: nn.Module, data: Data, cfg: Config) -> float:
-    """Accuracy (percent) in eval mode with BN statistics recomputed over training samples."""
+PRECISE_AUGMENT_SEED = 2_000_003  # offset of the seed of PreciseBN's own augmentation generator
+
+
+def precise_bn_inputs(data: Data, cfg: Config) -> torch.Tensor:
+    """The training samples PreciseBN recomputes statistics over: the first `eval.precise_bn_samples`
+    of a permutation seeded by the seed, the same after every epoch. With `data.augment` they are
+    augmented as in training, since that is the distribution BN saw, by a generator of their own
+    (seeded by the seed), so no other random stream of the run moves."""
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(data.train_y), generator=g)[: cfg.eval.precise_bn_samples].to(data.train_x.device)
-    with recomputed_statistics(model, data.train_x[idx], cfg.eval_batch_size):
+    augmentation = torch.Generator(data.train_x.device).manual_seed(cfg.seed + PRECISE_AUGMENT_SEED)
+    return get_batch(data, idx, augmentation)[0]
+
+
+def evaluate_precise(model: nn.Module, data: Data, cfg: Config) -> float:
+    """Accuracy (percent) in eval mode with BN statistics recomputed over training samples."""
+    with recomputed_statistics(model, precise_bn_inputs(data, cfg), cfg.eval_batch_size):
         return evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size)[1]
 
 
