@@ -13,7 +13,7 @@ from normbench.config import compose
 from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.norms import (FLAT, KINDS, NORMS, RECURRENT, SPATIAL, NormFactory, NormOptions,
-                             RecurrentBatchNorm, create_norm)
+                             RecurrentBatchNorm, batch_moments, create_norm, is_norm)
 from normbench.runner import norm_factory
 
 EPS = 1e-3  # large enough that leaving eps out, or putting it outside the sqrt, is caught
@@ -348,3 +348,40 @@ def test_norm_factory_from_config():
     assert factory == NormFactory("bn", NormOptions(eps=0.01, momentum=0.2, recurrent_stats="shared"), "post_act")
     cfg = compose(["norm=gn", "norm.num_groups=4"])
     assert norm_factory(cfg).options.num_groups == 4
+
+
+@pytest.mark.parametrize("name,kind", [c for c in CASES if c not in UNDEFINED],
+                         ids=[f"{n}-{k}" for n, k in CASES if (n, k) not in UNDEFINED])
+def test_every_norm_the_factory_builds_is_recognized_as_a_norm(name, kind):
+    """optim.norm_weight_decay finds norm parameters with `is_norm`: a new norm class must be added to it."""
+    layer = create_norm(name, C, kind, OPTIONS, steps=T)
+    assert is_norm(layer) or not list(layer.parameters()), f"add {type(layer).__name__} to norms.NORM_TYPES"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_step", "shared"])
+def test_batch_moments_of_a_recurrent_sequence_are_per_step(shared):
+    bn = RecurrentBatchNorm(C, 4, EPS, 0.1, True, shared=shared)
+    x = torch.randn(6, N, C, dtype=torch.float64)  # 6 steps, 2 more than rows
+    rows, n, mean, var = batch_moments(bn, x)
+    assert rows.tolist() == ([0] * 6 if shared else [0, 1, 2, 3, 3, 3]) and n == N
+    torch.testing.assert_close(mean, x.mean(1))
+    torch.testing.assert_close(var, x.var(1, unbiased=False))
+    rows, n, mean, var = batch_moments(bn, x[5], 5)
+    assert rows.tolist() == [0 if shared else 3] and n == N and mean.shape == (1, C)
+
+
+def test_batch_moments_of_spatial_bn_are_over_batch_and_positions():
+    x = torch.randn(N, C, H, W, dtype=torch.float64)
+    rows, n, mean, var = batch_moments(nn.BatchNorm2d(C), x)
+    assert rows.tolist() == [0] and n == N * H * W
+    torch.testing.assert_close(mean[0], x.mean((0, 2, 3)))
+    torch.testing.assert_close(var[0], x.var((0, 2, 3), unbiased=False))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_step", "shared"])
+def test_a_whole_sequence_is_one_call_for_hooks(shared):
+    bn = RecurrentBatchNorm(C, T, EPS, 0.1, True, shared=shared)
+    calls = []
+    bn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    bn(torch.randn(T, N, C))
+    assert calls == [(T, N, C)]

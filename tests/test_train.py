@@ -18,8 +18,8 @@ from normbench.data import load_data
 from normbench.models import build_model
 from normbench.norms import NORMS
 from normbench.results import METRIC_COLUMNS, read_metrics, read_summary
-from normbench.train import (EpochRecord, batch_statistics, evaluate, evaluate_batch_stats, fit, lr_factor,
-                             recomputed_statistics)
+from normbench.train import (EpochRecord, batch_statistics, decay_groups, evaluate, evaluate_batch_stats, fit,
+                             lr_factor, make_optimizer, recomputed_statistics)
 
 CPU = torch.device("cpu")
 TIMING = ["seconds", "samples_per_s"]
@@ -292,3 +292,55 @@ def test_schedule_is_applied_during_fit(results_dir):
                            "epochs=1")
     record = fit(cfg, net, data).records[0]
     assert record.lr == pytest.approx(effective_lr(cfg) * lr_factor(cfg, 8, 8, 8)) == pytest.approx(0.0005 * 9 / 16)
+
+
+# ---- weight decay of norm parameters and biases ---------------------------------------------------------
+
+
+OPTIM_CASES = [("mlp", "bn"), ("mlp", "ln"), ("mlp", "gn"), ("cnn", "in"), ("cnn", "none"), ("resnet20", "bn"),
+               ("resnet20", "gn"), ("rnn", "bn"), ("rnn", "bn_shared"), ("rnn", "ln")]
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_unset_norm_weight_decay_keeps_one_group(results_dir, optim):
+    cfg, _, net = setup(results_dir, "cnn", "bn", f"optim={optim}", "optim.weight_decay=5e-4")
+    assert cfg.optim.norm_weight_decay is None
+    opt = make_optimizer(cfg, net)
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["params"] == list(net.parameters())
+    assert opt.param_groups[0]["weight_decay"] == 5e-4
+    # the same state layout as an optimizer over model.parameters(), so older checkpoints resume
+    plain = type(opt)(net.parameters(), **{k: v for k, v in opt.defaults.items()})
+    assert opt.state_dict() == plain.state_dict()
+
+
+@pytest.mark.parametrize("model,norm", OPTIM_CASES, ids=[f"{m}-{n}" for m, n in OPTIM_CASES])
+def test_norm_weight_decay_groups_norm_parameters_and_biases(results_dir, model, norm):
+    extra = ["model.cell=gru"] if norm == "ln" and model == "rnn" else []  # the GRU has bias_hn too
+    cfg, _, net = setup(results_dir, model, norm, "optim.weight_decay=5e-4", "optim.norm_weight_decay=0", *extra)
+    opt = make_optimizer(cfg, net)
+    by_id = {id(p): name for name, p in net.named_parameters()}
+    groups = {g["weight_decay"]: [by_id[id(p)] for p in g["params"]] for g in opt.param_groups}
+    # in these models, the norms' scales and shifts and the biases are exactly the 1-D parameters
+    one_d = [name for name, p in net.named_parameters() if p.dim() == 1]
+    assert groups[0.0] == one_d
+    assert groups[5e-4] == [name for name, p in net.named_parameters() if p.dim() > 1]
+
+
+def test_norm_weight_decay_applies_per_group(results_dir):
+    cfg, _, net = setup(results_dir, "mlp", "bn", "optim.weight_decay=0.5", "optim.norm_weight_decay=0",
+                        "lr_scaling=none", "lr=0.1")
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    opt = make_optimizer(cfg, net)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # with no gradient, only weight decay moves a parameter
+    for name, p in net.named_parameters():
+        expected = before[name] if p.dim() == 1 else before[name] * (1 - 0.1 * 0.5)
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+
+
+def test_decay_groups_leave_out_an_empty_group():
+    net = nn.Sequential(nn.Linear(4, 4, bias=False))
+    groups = decay_groups(net, 1e-4, 0.0)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 1e-4
