@@ -1,4 +1,9 @@
-"""Figures from the analysis tables (matplotlib, no I/O: callers save them)."""
+"""Figures from the analysis tables (matplotlib, no I/O: callers save them).
+
+A point whose condition lost seeds (diverged, failed, missing) is circled in red and labelled
+with the counts ('2/3 diverged'); a condition with no completed seed gets a red triangle and its
+label at the bottom of the panel, where its line has no point.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from normbench.analysis import lost_seeds  # noqa: E402
 
 PANEL_KEYS = ("data", "model")
 
@@ -47,11 +54,32 @@ def _accuracy_panel(ax, sizes, title: str, legend: str) -> None:
     ax.legend(title=legend, fontsize=8)
 
 
-def _line(ax, x, mean, half, label) -> None:
-    ax.plot(x, mean, marker="o", label=label)
+def _line(ax, x, mean, half, label) -> str:
+    """One mean line with its interval band; returns the line's colour."""
+    (line,) = ax.plot(x, mean, marker="o", label=label)
     mean = np.asarray(mean, dtype=float)
     half = np.nan_to_num(np.asarray(half, dtype=float))
-    ax.fill_between(x, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100), alpha=0.2)  # accuracy bounds
+    ax.fill_between(x, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100), color=line.get_color(),
+                    alpha=0.2)  # clipped to the accuracy bounds
+    return line.get_color()
+
+
+def _mark_lost(ax, rows: pd.DataFrame, color) -> None:
+    """Circle and label the points of conditions whose seeds did not all complete (summary rows)."""
+    for _, row in rows.iterrows():
+        text = lost_seeds(row)
+        if not text:
+            continue
+        if np.isfinite(row.test_acc_mean):
+            ax.plot(row.batch_size, row.test_acc_mean, marker="o", markersize=11, color="red",
+                    markerfacecolor="none", markeredgewidth=1.5, linestyle="none")
+            ax.annotate(text, (row.batch_size, row.test_acc_mean), xytext=(6, -12), textcoords="offset points",
+                        fontsize=7, color="red")
+        else:  # nothing to plot: mark the batch size at the bottom of the panel
+            ax.plot(row.batch_size, 0.02, marker="^", color=color, markeredgecolor="red", linestyle="none",
+                    transform=ax.get_xaxis_transform())
+            ax.annotate(text, (row.batch_size, 0.02), xycoords=ax.get_xaxis_transform(), xytext=(6, 0),
+                        textcoords="offset points", fontsize=7, color="red", va="bottom")
 
 
 def accuracy_vs_batch(summary: pd.DataFrame, title: str):
@@ -61,9 +89,10 @@ def accuracy_vs_batch(summary: pd.DataFrame, title: str):
     for ax, (name, g) in zip(axes, panels):
         for norm, n in g.groupby("norm"):
             n = n.sort_values("batch_size")
-            _line(ax, n.batch_size, n.test_acc_mean, n.test_acc_ci95, norm)
+            color = _line(ax, n.batch_size, n.test_acc_mean, n.test_acc_ci95, norm)
+            _mark_lost(ax, n, color)
         _accuracy_panel(ax, g.batch_size.unique(), name, "norm")
-    fig.suptitle(f"{title}: test accuracy vs batch size (mean and 95% interval over seeds)")
+    fig.suptitle(f"{title}: test accuracy vs batch size\n(mean and 95% interval over seeds; red: seeds lost)")
     fig.tight_layout()
     return fig
 
@@ -80,7 +109,9 @@ def bn_eval_modes(summary: pd.DataFrame, title: str):
     for ax, (name, g) in zip(axes, panels):
         g = g.sort_values("batch_size")
         for column, label in modes:
-            _line(ax, g.batch_size, g[f"{column}_mean"], g[f"{column}_ci95"], label)
+            color = _line(ax, g.batch_size, g[f"{column}_mean"], g[f"{column}_ci95"], label)
+            if column == "test_acc":
+                _mark_lost(ax, g, color)
         _accuracy_panel(ax, g.batch_size.unique(), name, "BN evaluated with")
     fig.suptitle(f"{title}: batch norm evaluated three ways")
     fig.tight_layout()

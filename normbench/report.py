@@ -8,15 +8,20 @@ tables, figures and ``report.md`` next to the runs. The disk is the source of tr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from rich.table import Table
+from rich.text import Text
 
 from normbench import analysis, plots, results
 from normbench.errors import UserError
+
+
+LOST_MARK = re.compile(r"\d+/\d+ (diverged|failed|missing)")  # a pivot cell that lost seeds
 
 
 @dataclass
@@ -97,12 +102,23 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _lost_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """The conditions where a planned seed diverged, failed or never finished, with the counts."""
+    if summary.empty:
+        return summary
+    counts = ["n_planned", "n", "n_diverged", "n_failed", "n_missing"]
+    keys = analysis.panel_columns(summary) + ["norm", "batch_size"]
+    lost = summary[(summary.n_diverged + summary.n_failed + summary.n_missing) > 0]
+    names = {"n_planned": "planned", "n": "completed", "n_diverged": "diverged", "n_failed": "failed",
+             "n_missing": "missing"}
+    return lost[keys + counts].rename(columns=names).reset_index(drop=True)
+
+
 def _delta_pivot(delta: pd.DataFrame) -> pd.DataFrame:
     if delta.empty:
         return delta
     keys = [c for c in delta.columns if c not in ("batch_size", "delta", "delta_ci95")]
-    cells = delta.assign(cell=[f"{d:+.1f} ± {h:.1f}" if math.isfinite(h) else f"{d:+.1f}"
-                               for d, h in zip(delta.delta, delta.delta_ci95)])
+    cells = delta.assign(cell=[analysis.fmt_ci(d, h, signed=True) for d, h in zip(delta.delta, delta.delta_ci95)])
     return cells.pivot_table(index=keys, columns="batch_size", values="cell", aggfunc="first").fillna("-")
 
 
@@ -135,12 +151,18 @@ def markdown(report: Report, figures: list[str]) -> str:
     lines = [f"# normbench report: {r.experiment.name}", "",
              f"{len(r.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(done.items())) + ". "
              "Accuracies are final test accuracies in percent; ± is the half-width of the 95% t-interval "
-             "over seeds; differences are in percentage points.", "", "## Verdict", ""]
+             "over seeds; differences are in percentage points. A cell marked (2/3 diverged), (1/3 failed) "
+             "or (1/3 missing) is the mean of the seeds that completed; the others are counted, never "
+             "dropped silently. No interval is given for one seed, or for seeds that all agree (no spread).",
+             "", "## Verdict", ""]
     for panel, sentences in r.verdict.items():
         lines += [f"**{panel}**", ""] + [f"- {s}" for s in sentences] + [""]
     if not r.verdict:
         lines += ["No verdict: it needs at least two batch sizes per norm.", ""]
     lines += ["## Test accuracy (%) by norm and batch size", "", _md_table(r.pivot), ""]
+    lost = _lost_seeds(r.summary)
+    if not lost.empty:
+        lines += ["## Seeds without a result", "", _md_table(lost), ""]
     if not r.delta.empty:
         lines += ["## Difference from batch norm (points)", "", _md_table(_delta_pivot(r.delta)), ""]
     if not r.degradation.empty:
@@ -163,7 +185,7 @@ def _provenance(r: Report) -> list[str]:
     shas = sorted({s.get("git_sha") or "unknown" for s in summaries})
     lines = ["## Provenance", "",
              f"- runs: {len(r.runs)}; total training time {r.runs.wall_seconds.sum():.0f} s on {', '.join(devices)}",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
              f"- git sha: {', '.join(shas)}",
              f"- epochs per run: {first.epochs}; lr scaling: {first['config.lr_scaling']} "
              f"(base lr {first['config.lr']} at batch {first['config.base_batch_size']})"]
@@ -182,5 +204,5 @@ def rich_pivot(report: Report) -> Table:
     for col in pv.columns:
         table.add_column(str(col), justify="right" if isinstance(col, (int, float)) else "left")
     for row in pv.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(Text(str(v), style="yellow" if LOST_MARK.search(str(v)) else "") for v in row))
     return table

@@ -325,7 +325,8 @@ def test_two_of_three_diverged_seeds_are_in_the_cell_and_the_verdict():
 
 def test_all_seeds_diverged_leaves_no_mean_but_the_finding():
     summaries = flat_runs() + [fake_run("bn", 2, s, None, status="diverged") for s in range(3)]
-    summaries += [fake_run("bn", 4, 0, 80.0), fake_run("bn", 4, 1, 81.0), fake_run("bn", 4, 2, None, status="diverged")]
+    summaries += [fake_run("bn", 4, 0, 80.0), fake_run("bn", 4, 1, 81.0),
+                  fake_run("bn", 4, 2, None, status="diverged")]
     runs, summary, degr, verdict = tables(summaries)
     pv = analysis.pivot(summary)
     assert pv.loc[("synthetic", "mlp", "bn"), 2] == "3/3 diverged"

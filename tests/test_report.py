@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from normbench import analysis, report, results, sweep
+from normbench import analysis, plots, report, results, sweep
 from normbench.cli import app
 from normbench.results import METRIC_COLUMNS
 
@@ -101,7 +101,8 @@ def test_report_writes_tables_with_documented_columns(experiment):
     assert list(pivot.columns) == ["data", "model", "norm", "4", "16"]
     for _, row in summary.iterrows():
         cell = pivot[pivot.norm == row.norm][str(row.batch_size)].iloc[0]
-        assert cell == analysis.fmt_ci(row.test_acc_mean, row.test_acc_ci95)
+        assert cell == analysis.cell_text(row)
+        assert "± 0.0" not in cell
 
     delta = pd.read_csv(experiment / "delta_vs_bn.csv")
     assert set(delta.columns) >= {"data", "model", "batch_size", "norm", "delta", "delta_ci95"}
@@ -292,5 +293,56 @@ def test_report_with_failed_and_diverged_runs(experiment):
     row = row.iloc[0]
     assert (row.n, row.n_failed, row.n_diverged) == (0, 1, 1)
     assert np.isnan(row.test_acc_mean)
+    cell = rep.pivot.loc[("synthetic", "mlp", row.norm), row.batch_size]
+    assert cell == "1/2 diverged, 1/2 failed"
+    lines = rep.verdict["synthetic / mlp"]
+    assert f"{row.norm}: 1 of 2 seeds diverged at batch {row.batch_size}." in lines
+    assert f"{row.norm}: 1 of 2 seeds failed at batch {row.batch_size}." in lines
     text = report.write(rep).read_text()
     assert "8 runs: 6 completed, 1 diverged, 1 failed." in text
+    assert f" {cell} " in text
+
+
+def test_lost_seeds_are_marked_in_every_layer(experiment):
+    names = run_folder_names(experiment)
+    summary = json.loads((experiment / names[0] / "summary.json").read_text())
+    norm, batch = summary["config"]["norm"]["name"], summary["config"]["batch_size"]
+    summary.update(status="diverged", diverged_step=3)
+    (experiment / names[0] / "summary.json").write_text(json.dumps(summary))
+    rep = report.build(experiment)
+    row = rep.summary[(rep.summary.norm == norm) & (rep.summary.batch_size == batch)].iloc[0]
+    assert (row.n_planned, row.n, row.n_diverged, row.n_failed, row.n_missing) == (2, 1, 1, 0, 0)
+
+    cell = rep.pivot.loc[("synthetic", "mlp", norm), batch]
+    assert cell == f"{row.test_acc_mean:.1f} (1/2 diverged)"  # the survivor, and the seed it lost
+    assert f"{norm}: 1 of 2 seeds diverged at batch {batch}." in rep.verdict["synthetic / mlp"]
+
+    text = report.write(rep).read_text()
+    assert f" {cell} " in text
+    assert "## Seeds without a result" in text
+    assert f"| synthetic | mlp | {norm} | {batch} | 2 | 1 | 1 | 0 | 0 |" in text
+    assert f"- {norm}: 1 of 2 seeds diverged at batch {batch}." in text
+    pivot_csv = pd.read_csv(experiment / "pivot.csv")
+    assert pivot_csv[pivot_csv.norm == norm][str(batch)].iloc[0] == cell
+
+    table = report.rich_pivot(rep)
+    cells = [c for column in table.columns for c in column._cells]
+    assert any(str(c) == cell and c.style == "yellow" for c in cells)
+
+    fig = plots.accuracy_vs_batch(rep.summary, "tiny")
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert labels == ["1/2 diverged"]
+
+
+def test_a_condition_without_completed_seeds_is_marked_not_dropped(experiment):
+    names = run_folder_names(experiment)
+    for name in names[:2]:  # the two seeds of one condition
+        summary = json.loads((experiment / name / "summary.json").read_text())
+        summary.update(status="diverged", diverged_step=3)
+        (experiment / name / "summary.json").write_text(json.dumps(summary))
+    rep = report.build(experiment)
+    norm, batch = summary["config"]["norm"]["name"], summary["config"]["batch_size"]
+    assert rep.pivot.loc[("synthetic", "mlp", norm), batch] == "2/2 diverged"
+    assert rep.verdict["synthetic / mlp"][0] == f"{norm}: 2 of 2 seeds diverged at batch {batch}."
+    fig = plots.accuracy_vs_batch(rep.summary, "tiny")
+    assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["2/2 diverged"]

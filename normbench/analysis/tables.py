@@ -141,12 +141,12 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fmt_ci(mean: float, half: float, digits: int = 1) -> str:
+def fmt_ci(mean: float, half: float, digits: int = 1, signed: bool = False) -> str:
+    """'90.0 ± 1.3'; '90.0' without an interval; '-' without a value; signed: '+2.0 ± 1.3'."""
     if not np.isfinite(mean):
         return "-"
-    if not np.isfinite(half):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+    value = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return value if not np.isfinite(half) else f"{value} ± {half:.{digits}f}"
 
 
 def lost_seeds(row: pd.Series) -> str:

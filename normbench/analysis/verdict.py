@@ -67,7 +67,8 @@ def _trend(runs: pd.DataFrame, where: dict, norm: str, row: pd.Series, caveat: s
     if d + h < 0:
         return (f"{norm} does better at the small batch: {-d:.1f} ± {h:.1f} points higher at batch {small} "
                 f"than at {large}{caveat}.")
-    return f"{norm} within {d:+.1f} ± {h:.1f} points from batch {large} down to {small}{caveat}: no degradation detected."
+    return (f"{norm} within {d:+.1f} ± {h:.1f} points from batch {large} down to {small}{caveat}: "
+            "no degradation detected.")
 
 
 def _versus_bn(runs: pd.DataFrame, rows: pd.DataFrame, where: dict, norm: str, bn: str, small: int) -> str | None:
