@@ -152,24 +152,23 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def batch_moments(bn: nn.Module, x: torch.Tensor, t: int | None = None
-                  ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[tuple[int, ...], int, torch.Tensor, torch.Tensor]:
     """The statistics a train-mode forward of batch norm `bn` on `x` normalizes with.
 
     Returns ``(rows, n, mean, var)``: `mean` and the biased `var`, each ``(K, C)``, are taken
-    over `n` values each; ``rows`` ``(K,)`` says which row of ``running_mean.view(-1, C)`` each
+    over `n` values each; `rows` (K ints) says which row of ``running_mean.view(-1, C)`` each
     belongs to. A recurrent BN called on a whole sequence ``(T, N, C)`` gives one statistic per
     step, so rows repeat when steps share running averages.
     """
     if isinstance(bn, RecurrentBatchNorm):
         if x.dim() == 2:  # one step, (N, C)
             var, mean = torch.var_mean(x, dim=0, correction=0)
-            return torch.tensor([bn.row(t)], device=x.device), x.shape[0], mean[None], var[None]
+            return (bn.row(t),), x.shape[0], mean[None], var[None]
         var, mean = torch.var_mean(x, dim=1, correction=0)  # (T, C): each step over the batch
-        rows = torch.tensor([bn.row(s) for s in range(x.shape[0])], device=x.device)
-        return rows, x.shape[1], mean, var
+        return tuple(bn.row(s) for s in range(x.shape[0])), x.shape[1], mean, var
     flat = x.transpose(0, 1).flatten(1)  # (C, N * positions)
     var, mean = torch.var_mean(flat, dim=1, correction=0)
-    return torch.zeros(1, dtype=torch.long, device=x.device), flat.shape[1], mean[None], var[None]
+    return (0,), flat.shape[1], mean[None], var[None]
 
 
 @dataclass(frozen=True)

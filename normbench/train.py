@@ -218,14 +218,18 @@ class PopulationMoments:
         self.count = torch.zeros(rows.shape[0], 1, dtype=self.dtype, device=rows.device)  # values per row
         self.first = torch.zeros(rows.shape, dtype=self.dtype, device=rows.device)  # sum of n_B * mu_B
         self.second = torch.zeros_like(self.first)  # sum of n_B * (sigma_B^2 + mu_B^2)
+        self.indices: dict[tuple[int, ...], torch.Tensor] = {}  # rows -> index on the device, made once
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = args[1] if len(args) > 1 else kwargs.get("t")
         rows, n, mean, var = batch_moments(self.bn, args[0].detach(), t)
+        if rows not in self.indices:
+            self.indices[rows] = torch.tensor(rows, device=self.count.device)
+        index = self.indices[rows]
         mean, var = mean.to(self.dtype), var.to(self.dtype)
-        self.count.index_add_(0, rows, torch.full((len(rows), 1), float(n), dtype=self.dtype, device=mean.device))
-        self.first.index_add_(0, rows, n * mean)
-        self.second.index_add_(0, rows, n * (var + mean * mean))
+        self.count.index_add_(0, index, torch.full((len(rows), 1), float(n), dtype=self.dtype, device=mean.device))
+        self.first.index_add_(0, index, n * mean)
+        self.second.index_add_(0, index, n * (var + mean * mean))
 
     def install(self) -> None:
         """running_mean: the population mean; running_var: the population variance times n / (n - 1),
