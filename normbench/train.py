@@ -7,7 +7,9 @@ from evaluating with poor running averages (PROTOCOL.md section 2.5):
 * ``test_acc_batch_stats``: train-mode BN at the training batch size, each batch
   normalized with its own statistics, running averages untouched;
 * ``test_acc_precise``: population statistics recomputed over training samples with
-  the weights frozen (PreciseBN), then eval mode.
+  the weights frozen (PreciseBN), then eval mode. They are exact: each BN layer's
+  batch moments are pooled over all samples (and over the time steps that share
+  statistics), not blended by momentum; samples are augmented as in training.
 
 Nothing here writes files. Per step there is no host-device sync: losses and correct
 counts accumulate on the device and are read at most a few times a second.
@@ -250,9 +252,10 @@ def recomputed_statistics(model: nn.Module, x: torch.Tensor, batch_size: int):
     `x` runs through the model in nearly equal chunks of at most `batch_size`, with every BN
     layer normalizing each chunk with the chunk's own statistics (train mode, running averages
     untouched) and every other layer in eval mode. Each BN layer's input is pooled over all
-    chunks (and, for recurrent BN, over the steps that share a row) into exact population
-    statistics (`PopulationMoments`), set once at the end: the buffers one train-mode forward
-    of all of `x` at once would leave with momentum 1, up to the chunking of the layers before.
+    chunks (and, for recurrent BN, over the steps that share a row: each step its own row, or
+    all steps one shared row) into exact population statistics (`PopulationMoments`), set once
+    at the end. For BatchNorm1d/2d and per-step recurrent BN with one chunk, these are the
+    buffers a train-mode forward of all of `x` leaves at momentum 1.
     """
     bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
     saved = [{k: b.clone() for k, b in m.named_buffers()} for m in bns]
