@@ -57,15 +57,23 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command()
-def run(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
-    """Train one model with one norm, evaluate it, and write its run folder."""
+def run(overrides: Overrides = None, config_dir: ConfigDir = None,
+        force: Annotated[bool, typer.Option("--force", help="Train again a run that already finished; the new "
+                                            "result replaces the old one only once it completes.")] = False) -> None:
+    """Train one model with one norm, evaluate it, and write its run folder.
+
+    A run that already finished is shown, not trained again (unless --force).
+    """
     from normbench.runner import execute
 
     with user_errors():
         cfg = compose(overrides or [], config_dir)
         with EpochProgress(cfg.epochs, cfg.batch_size) as progress:
-            result = execute(cfg, progress)
+            result = execute(cfg, progress, replace=force)
     console.print(summary_table(result.summary))
+    if not result.trained:
+        console.print(f"already finished ({result.summary['status']}), not trained again; --force trains it "
+                      "again and replaces this result when the new one completes")
     console.print(f"results: {result.folder}")
 
 
@@ -149,6 +157,9 @@ def sweep(
     from normbench.display import SweepDisplay
 
     with user_errors():
+        jobs, note = sweeps.capped_jobs(jobs)
+        if note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
         if dry_run:
             planned = sweeps.plan(overrides or [], config_dir)
             _print_plan(planned)
@@ -157,7 +168,13 @@ def sweep(
         with SweepDisplay() as display:
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
         command = "normbench sweep " + " ".join(overrides or []) + (f" --jobs {jobs}" if jobs > 1 else "")
-        for rep, path in report.after_sweep(outcome, command):
+        try:
+            reports = report.after_sweep(outcome, command)
+        except UserError:
+            if not outcome.failures:
+                raise
+            reports = []  # nothing finished: the failures below say why
+        for rep, path in reports:
             console.print(report.rich_pivot(rep))
             for panel, sentences in rep.verdict.items():
                 console.print(f"[bold]{escape(panel)}[/bold]")
@@ -167,10 +184,19 @@ def sweep(
     console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
                   + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
     if outcome.failures:
-        console.print(f"[red]without a result (failed or invalid): {len(outcome.failures)}[/red]")
-        for what, why in outcome.failures:
-            console.print(f"  {escape(what)}: {escape(str(why))}", soft_wrap=True)
+        _print_failures(outcome.failures)
         raise typer.Exit(1)
+
+
+def _print_failures(failures: list[tuple[str, str]]) -> None:
+    """Each cause once: a hundred runs that fail for one reason (missing data, say) are one line."""
+    by_cause: dict[str, list[str]] = {}
+    for what, why in failures:
+        by_cause.setdefault(str(why), []).append(what)
+    console.print(f"[red]without a result (failed or invalid): {len(failures)}[/red]")
+    for why, whats in by_cause.items():
+        who = whats[0] if len(whats) == 1 else f"{len(whats)} runs ({whats[0]}, ...)"
+        console.print(f"  {escape(who)}: {escape(why)}", soft_wrap=True)
 
 
 @app.command("report")

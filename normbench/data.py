@@ -182,16 +182,28 @@ def synthetic(cfg) -> RawData:
 
 
 _DECODED: dict[str, RawData] = {}
+_FAILED: dict[str, DataError] = {}  # planning: datasets that could not be loaded, by settings
 
 
 def decoded(cfg) -> RawData:
     """The decoded uint8 dataset, read from disk once per process and dataset settings."""
     key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in ("train_size", "test_size", "augment")))
+    if key in _FAILED:
+        raise _FAILED[key]  # planning a sweep: one download attempt per dataset, not one per job
     if key not in _DECODED:
         if len(_DECODED) >= 2:  # a sweep uses one or two datasets; keep memory bounded
             _DECODED.pop(next(iter(_DECODED)))
-        _DECODED[key] = DATASETS.get(cfg.name)(cfg)
+        try:
+            _DECODED[key] = DATASETS.get(cfg.name)(cfg)
+        except DataError as e:
+            _FAILED[key] = e
+            raise
     return _DECODED[key]
+
+
+def forget_failures() -> None:
+    """Try datasets that failed to load again (the user may have put the files in place since)."""
+    _FAILED.clear()
 
 
 def balanced_subset(y: torch.Tensor, n: int | None, num_classes: int) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ from normbench.train import EpochRecord, FitResult, Progress, fit, resolve_devic
 class RunResult:
     folder: Path
     summary: dict
+    trained: bool = True  # false: the folder already held a finished result, returned as it was
 
 
 def norm_factory(cfg: Config) -> NormFactory:
@@ -133,26 +134,120 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     return data, model
 
 
-def _resume_state(folder: Path, cfg: Config) -> dict | None:
-    """The checkpoint of an unfinished run of this same config, if there is one."""
+CHECKPOINT_KEYS = {"epoch": int, "step": int, "seconds": float, "records": list, "model": dict,
+                   "optimizer": dict, "generators": list, "config_hash": str}
+
+
+def _usable_checkpoint(state: dict, cfg: Config, model: nn.Module) -> bool:
+    """Whether a checkpoint read from disk fits this run: a damaged or forged one means a fresh start."""
+    from normbench.train import make_optimizer
+
+    if any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool) for k, t in CHECKPOINT_KEYS.items()
+           if t is not float) or not isinstance(state.get("seconds"), (int, float)):
+        return False
+    if state["config_hash"] != config_hash(cfg) or not 1 <= state["epoch"] < cfg.epochs:
+        return False
+    fields = {f.name for f in dataclasses.fields(EpochRecord)}
+    if len(state["records"]) != state["epoch"] or any(not isinstance(r, dict) or set(r) != fields
+                                                      for r in state["records"]):
+        return False
+    own = model.state_dict()
+    theirs = state["model"]
+    if set(theirs) != set(own) or any(not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape
+                                      for k, v in own.items()):
+        return False
+    try:
+        make_optimizer(cfg, model).load_state_dict(state["optimizer"])  # a throwaway: checks groups and shapes
+        for g, saved in zip((torch.Generator(), torch.Generator()), state["generators"], strict=True):
+            g.set_state(saved)
+    except (ValueError, TypeError, KeyError, RuntimeError, IndexError):
+        return False
+    return True
+
+
+def _resume_state(folder: Path, cfg: Config, model: nn.Module) -> dict | None:
+    """The checkpoint of an unfinished run of this same config, if there is a usable one."""
     summary = results.read_summary(folder)
     if summary is None or summary.get("config_hash") != config_hash(cfg) or summary.get("status") != "running":
         return None
     state = results.load_checkpoint(folder)
-    return state if state is not None and state.get("config_hash") == config_hash(cfg) else None
+    return state if state is not None and _usable_checkpoint(state, cfg, model) else None
 
 
-def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
+def finished_summary(folder: Path, cfg: Config) -> dict | None:
+    """The summary of a finished run of this config in `folder`, or None."""
+    summary = results.read_summary(folder)
+    if summary is None or summary.get("config_hash") != config_hash(cfg):
+        return None
+    return summary if summary.get("status") in results.FINISHED else None
+
+
+def _aside(folder: Path, what: str) -> Path:
+    """Where a new attempt at a finished run trains (``attempt``), or its old result waits (``replaced``):
+    hidden beside the run folder, so nothing reads them as results."""
+    return folder.with_name(f".{folder.name}.{what}")
+
+
+def recover(folder: Path) -> None:
+    """Finish a replacement that a kill interrupted (see `execute`): the run folder ends up holding
+    the newer finished result. Call with the run's lock held."""
+    import shutil
+
+    replaced, attempt = _aside(folder, "replaced"), _aside(folder, "attempt")
+    if not replaced.exists():
+        return
+    if not folder.exists():
+        done = results.read_summary(attempt) if attempt.exists() else None
+        (attempt if done and done.get("status") in results.FINISHED else replaced).rename(folder)
+    if replaced.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _replace(folder: Path, attempt: Path) -> None:
+    """Put a finished attempt in place of the old result: two renames, then the old one is removed.
+    A kill between them is mended by `recover`."""
+    import shutil
+
+    replaced = _aside(folder, "replaced")
+    try:
+        folder.rename(replaced)
+        attempt.rename(folder)
+    except OSError as e:
+        raise results.ResultsError(f"could not replace {folder}: {e.strerror or e}; run again to finish") from e
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tuple[str, ...] = False) -> RunResult:
     """Run one config and write its folder. User errors are raised before anything is written.
 
+    A finished result is never overwritten: a config whose folder holds one is not trained again
+    (`RunResult.trained` is false) unless `replace` says so (True, or the finished statuses to retrain);
+    then the new attempt trains in a hidden folder beside it and takes its place only when it finishes.
+    The run holds its lock while it trains: a second process asking for the same run gets a `UserError`.
     After every epoch a checkpoint is saved; a run that was killed continues from its last epoch
     when it is started again, with the same results as if it had never stopped.
     """
     folder = results.run_dir(cfg)
     device = resolve_device(cfg.device)
     data, model = prepare(cfg, device)
+    with results.run_lock(folder):  # raises results.Busy while another process trains this run
+        recover(folder)
+        done = finished_summary(folder, cfg)
+        retrain = replace is True or (replace and done is not None and done["status"] in replace)
+        if done is not None and not retrain:
+            return RunResult(folder, done, trained=False)
+        target = _aside(folder, "attempt") if done is not None else folder
+        summary = _train(cfg, target, data, model, device, progress)
+        if target != folder:
+            _replace(folder, target)
+        return RunResult(folder, summary)
+
+
+def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torch.device,
+           progress: Progress | None) -> dict:
+    """Train into `folder` (resuming its checkpoint, if usable) and return the finished summary."""
     params = count_parameters(model)
-    resume = _resume_state(folder, cfg)
+    resume = _resume_state(folder, cfg, model)
     results.remove_stale_temp_files(folder)  # a killed run may have left one mid-write
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume is None:
@@ -161,7 +256,7 @@ def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
         results.write_summary(folder, summarize(cfg, None, "running", seconds=0, params=params, device=device,
                                                 started=started))
     progress = progress or Progress()
-    progress.run_start(folder.name, cfg.epochs, cfg.batch_size)
+    progress.run_start(run_id(cfg), cfg.epochs, cfg.batch_size)
     t0 = time.perf_counter()
     fitted = None
 
@@ -184,4 +279,4 @@ def execute(cfg: Config, progress: Progress | None = None) -> RunResult:
     results.write_summary(folder, summary)
     if not cfg.keep_checkpoint:
         results.remove_checkpoint(folder)
-    return RunResult(folder, summary)
+    return summary

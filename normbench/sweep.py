@@ -8,15 +8,19 @@ that moves them fails loudly there rather than quietly here.
 
 A sweep runs in two passes over the same expansion:
 
-1. plan: every job is composed, validated (data present, model/norm compatible)
-   and matched against its run folder, always with Hydra's basic launcher, in
-   this process. ``--dry-run`` stops here. With ``--jobs N`` each planned job goes
-   to the workers at once, so training starts while planning goes on.
+1. plan: the grids sweeper expands the jobs, and every job is composed by Hydra's
+   config loader, validated (data present, model/norm compatible) and matched
+   against its run folder, in this process, without any launcher: planning writes
+   nothing and runs no Hydra callback. ``--dry-run`` stops here. With ``--jobs N``
+   each planned job goes to the workers at once, so training starts while planning
+   goes on.
 2. train: on this machine, normbench trains the configs the plan composed, one
    after another or ``--jobs N`` at a time in worker processes (longest first, CPU
    threads split between them, one GPU each where there are several). With
    another Hydra launcher (``hydra/launcher=slurm``, ...), that launcher runs every
-   job. Either way a job skips itself when its folder already holds a finished run.
+   job. Either way a job skips itself when its folder already holds a finished run,
+   and a run being trained holds a lock, so two sweeps over one folder never train
+   a run twice: each skips what the other is training and comes back to it at the end.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ import yaml
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench import results
@@ -69,30 +73,81 @@ def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path |
     return [job.return_value for batch in batches for job in batch]
 
 
-def configured_launcher(overrides: list[str], config_dir: str | Path | None = None) -> str:
-    """The Hydra launcher the sweep asks for (command line, preset or user config): 'basic' unless set."""
+def compose_primary(overrides: list[str], config_dir: str | Path | None = None):
+    """The sweep's primary config (multirun mode) and the Hydra that composed it."""
+    hydra = _hydra()
     try:
-        cfg = _hydra().compose_config("config", list(overrides) + search_path_overrides(config_dir),
-                                      run_mode=RunMode.MULTIRUN)
+        return hydra, hydra.compose_config("config", list(overrides) + search_path_overrides(config_dir),
+                                           run_mode=RunMode.MULTIRUN)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+        GlobalHydra.instance().clear()
         raise UserError(clean_hydra_error(e)) from e
+
+
+def launcher_of(primary) -> str:
+    """The Hydra launcher the sweep asks for (command line, preset or user config): 'basic' unless set."""
+    return primary.hydra.runtime.choices.get("hydra/launcher") or "basic"
+
+
+def configured_launcher(overrides: list[str], config_dir: str | Path | None = None) -> str:
+    try:
+        return launcher_of(compose_primary(overrides, config_dir)[1])
     finally:
         GlobalHydra.instance().clear()
-    return cfg.hydra.runtime.choices.get("hydra/launcher") or "basic"
+
+
+def _check_bookkeeping(primary) -> None:
+    """Hydra's own folders (used by other launchers) stay inside results_dir, like every result."""
+    try:
+        root = Path(primary.results_dir).expanduser().resolve()
+        for key in ("sweep", "run"):
+            where = primary.hydra[key].dir
+            if where is not None:
+                results.inside(root, Path(where).expanduser())
+    except UserError as e:
+        raise UserError(f"hydra.sweep.dir / hydra.run.dir must stay inside results_dir: {e}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(clean_hydra_error(e)) from e
+
+
+def _expand(hydra, primary) -> list[list[str]]:
+    """Every job's overrides, as the grids sweeper expands them (Hydra's basic sweeper is the same without grids)."""
+    from hydra_plugins.normbench_sweeper.grids_sweeper import expand_jobs
+
+    sweeper = primary.hydra.sweeper
+    target = str(sweeper.get("_target_", ""))
+    if not target.endswith((".GridsSweeper", ".BasicSweeper")):
+        raise UserError(f"normbench plans sweeps with its grids sweeper (or Hydra's basic one), not {target}")
+    batch = sweeper.get("max_batch_size")
+    if batch is not None and batch < 1 and batch != -1:
+        raise UserError(f"hydra.sweeper.max_batch_size must be >= 1, or -1 or null (all), got {batch}")
+    arguments = [o for o in primary.hydra.overrides.task]
+    try:
+        return expand_jobs(hydra.config_loader, sweeper.get("params"), sweeper.get("grids"), arguments)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(clean_hydra_error(e)) from e
 
 
 def run_state(cfg: Config) -> tuple[str, dict | None]:
-    """The run folder's state: 'new', 'running' (unfinished or interrupted) or its finished status,
-    with the summary it was read from (None when there is none for this config)."""
-    summary = results.read_summary(results.run_dir(cfg))
+    """The run folder's state: 'new', 'running' (unfinished or interrupted), 'busy' (being trained by
+    another process now) or its finished status, with the summary it was read from (None when there is
+    none for this config)."""
+    folder = results.run_dir(cfg)
+    summary = results.read_summary(folder)
     if summary is None or summary.get("config_hash") != config_hash(cfg):
-        return "new", None
+        return ("busy" if results.is_locked(folder) else "new"), None
     status = summary.get("status")
-    return (status if status in results.FINISHED else "running"), summary
+    if status in results.FINISHED:
+        results.clean_finished(folder, summary)
+        return status, summary
+    return ("busy" if results.is_locked(folder) else "running"), summary
+
+
+RETRIED = ("failed", "diverged")  # finished statuses that --retry-failed trains again
 
 
 def should_train(state: str, retry_failed: bool) -> bool:
-    return state in ("new", "running") or (retry_failed and state in ("failed", "diverged"))
+    return state in ("new", "running", "busy") or (retry_failed and state in RETRIED)
 
 
 def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
@@ -104,7 +159,7 @@ def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
 class Planned:
     overrides: list[str]
     cfg: Config | None
-    state: str  # new | running | completed | diverged | failed | invalid
+    state: str  # new | running | busy | completed | diverged | failed | invalid
     error: str | None = None
     cost: float = 0.0  # estimated training cost, relative (runner.check): parallel sweeps start long runs first
 
@@ -113,53 +168,76 @@ class Planned:
         return " ".join(self.overrides) or "(defaults)"
 
 
-@dataclass
-class _Plan:
-    """Task function of the planning pass: compose, validate, look at the run folder. Trains nothing,
-    but hands every planned job to `on_planned`, if given, as soon as it is planned."""
+def check_job(overrides: list[str], dict_cfg) -> Planned:
+    """Compose, validate and cost one job and look at its run folder. Trains and writes nothing."""
+    from normbench.runner import check  # deferred: the runner imports torch models and data
 
-    on_planned: Callable[[Planned], None] | None = None
-
-    def __call__(self, dict_cfg) -> Planned:
-        planned = self.check_job(dict_cfg)
-        if self.on_planned:
-            self.on_planned(planned)
-        return planned
-
-    @staticmethod
-    def check_job(dict_cfg) -> Planned:
-        from normbench.runner import check  # deferred: the runner imports torch models and data
-
-        overrides = list(HydraConfig.get().overrides.task)
-        overrides = [o for o in overrides if not o.startswith("hydra")]
-        try:
-            cfg = to_config(dict_cfg)
-            cost = check(cfg)
-        except UserError as e:
-            return Planned(overrides, None, "invalid", str(e))
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        cfg = to_config(dict_cfg)
+        cost = check(cfg)
         state, summary = run_state(cfg)
-        return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
+    except UserError as e:
+        return Planned(overrides, None, "invalid", str(e))
+    return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
 
 
 def plan(overrides: list[str], config_dir: str | Path | None = None,
          on_planned: Callable[[Planned], None] | None = None) -> list[Planned]:
-    """Expand a sweep and say, for every job, whether it is new, done, failed or invalid."""
-    return hydra_multirun(list(overrides) + ["hydra/launcher=basic"], _Plan(on_planned), config_dir)
+    """Expand a sweep and say, for every job, whether it is new, done, failed or invalid.
+
+    Each planned job goes to `on_planned` (if given) as soon as it is planned.
+    """
+    from normbench.data import forget_failures
+
+    hydra, primary = compose_primary(overrides, config_dir)
+    forget_failures()
+    try:
+        _check_bookkeeping(primary)
+        planned = []
+        for job in _expand(hydra, primary):
+            try:
+                dict_cfg = hydra.config_loader.load_sweep_config(primary, list(job))
+                with open_dict(dict_cfg):
+                    del dict_cfg["hydra"]  # as Hydra does before it calls a task function
+            except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+                raise UserError(clean_hydra_error(e)) from e
+            planned.append(check_job(list(job), dict_cfg))
+            if on_planned:
+                on_planned(planned[-1])
+        return planned
+    finally:
+        forget_failures()
+        GlobalHydra.instance().clear()
 
 
-def train_job(cfg: Config, retry_failed: bool = False, display: Progress | None = None) -> dict:
+def expand(overrides: list[str], config_dir: str | Path | None = None) -> list[list[str]]:
+    """The overrides of every job of a sweep, without composing the jobs."""
+    hydra, primary = compose_primary(overrides, config_dir)
+    try:
+        return _expand(hydra, primary)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def train_job(cfg: Config, retry_failed: bool = False, display: Progress | None = None, wait: bool = False) -> dict:
     """Train one planned job unless its folder already holds a finished run; a failed run is recorded in the
-    outcome, not raised. The state is read again here: another sweep over the same folder may have
-    finished the run meanwhile."""
+    outcome, not raised. Whether to train is decided again under the run's lock: another sweep over the
+    same folder may have finished the run meanwhile, or be training it now (then the outcome's status is
+    "busy", unless `wait`, which waits for that sweep and trains the run only if it is still unfinished)."""
     from normbench.runner import execute  # deferred: the runner imports torch models and data
 
-    state, previous = run_state(cfg)
-    outcome = {"run_id": run_id(cfg), "status": state, "error": None}
-    if not should_train(state, retry_failed):
-        outcome.update(skipped=True, error=(previous or {}).get("error"))
-        return outcome
+    outcome = {"run_id": run_id(cfg), "status": "new", "error": None}
     try:
-        outcome["status"] = execute(cfg, display).summary["status"]
+        if wait:
+            with results.run_lock(results.run_dir(cfg), wait=True):
+                pass  # the other process is done with it (or died): its state decides below
+        result = execute(cfg, display, replace=RETRIED if retry_failed else False)
+        outcome["status"] = result.summary["status"]
+        if not result.trained:
+            outcome.update(skipped=True, error=result.summary.get("error"))
+    except results.Busy:
+        outcome.update(status="busy", skipped=True)
     except ResultsError as e:
         outcome.update(status="failed", error=str(e))
     except UserError as e:
@@ -167,6 +245,16 @@ def train_job(cfg: Config, retry_failed: bool = False, display: Progress | None 
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
         outcome.update(status="failed", error=f"{type(e).__name__}: {e}")
     return outcome
+
+
+def train_all(todo: list[Planned], retry_failed: bool, display: Progress | None = None,
+              train: Callable[..., dict] = train_job) -> list[dict]:
+    """Train the planned runs one after another; runs another sweep is training are taken up last."""
+    outcomes = [train(p.cfg, retry_failed, display) for p in todo]
+    for i, o in enumerate(outcomes):
+        if o["status"] == "busy":
+            outcomes[i] = train(todo[i].cfg, retry_failed, display, wait=True)
+    return outcomes
 
 
 @dataclass
@@ -377,6 +465,33 @@ def _watching(planned: list[Planned], retry_failed: bool, display):
         watcher.stop()
 
 
+WORKER_MEMORY_GB = 0.8  # what one --jobs worker holds (torch, a decoded dataset, a small model), measured
+
+
+def _available_memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def capped_jobs(jobs: int) -> tuple[int, str | None]:
+    """`jobs`, capped by the cores and by the memory available for workers; a note says why when capped."""
+    limits = {"cores": cpu_cores()}
+    memory = _available_memory_gb()
+    if memory is not None:
+        limits["GB of memory available"] = max(1, int(memory / WORKER_MEMORY_GB))
+    why, cap = min(((w, n) for w, n in limits.items()), key=lambda wn: wn[1])
+    if jobs <= cap:
+        return jobs, None
+    amount = f"{memory:.1f} GB of memory available, {WORKER_MEMORY_GB} GB a worker" if why != "cores" else \
+        f"{cap} cores"
+    return cap, f"--jobs {jobs} capped at {cap}: this machine has {amount}"
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
     """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
@@ -389,6 +504,7 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     if jobs > 1 and launcher != "basic":
         raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
                         "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+    check_launcher(launcher)
     shown = display.planned if display is not None else (lambda p: None)
     if launcher == "basic" and jobs > 1:
         with Workers(jobs, retry_failed) as workers:
@@ -400,6 +516,9 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
             outcome = SweepOutcome(planned, retry_failed)
             with _watching(planned, retry_failed, display):
                 outcome.outcomes = workers.join()
+                for i, o in enumerate(outcome.outcomes):  # runs another sweep was training: wait for them
+                    if o["status"] == "busy":
+                        outcome.outcomes[i] = train_job(workers.offered[i].cfg, retry_failed, wait=True)
     else:
         planned = plan(overrides, config_dir, shown)
         outcome = SweepOutcome(planned, retry_failed)
@@ -407,8 +526,17 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
         if todo:
             with _watching(planned, retry_failed, display):
                 if launcher == "basic":
-                    outcome.outcomes = [train_job(p.cfg, retry_failed, display) for p in todo]
+                    outcome.outcomes = train_all(todo, retry_failed, display)
                 else:
                     outcome.outcomes = hydra_multirun(overrides, _Train(retry_failed), config_dir)
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def check_launcher(launcher: str) -> None:
+    """A launcher whose scheduler is not on this machine fails here, in one line, not deep in the plugin."""
+    import shutil
+
+    if "slurm" in launcher and shutil.which("sbatch") is None:
+        raise UserError(f"hydra/launcher={launcher} submits to SLURM, but this machine has no 'sbatch' "
+                        "on its PATH: run the sweep from a SLURM login node, or without hydra/launcher")

@@ -37,7 +37,8 @@ def invoke(*args: str):
 
 
 def files_under(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    """Result files (the runs' lock files under .locks/ are bookkeeping, not results)."""
+    return [p for p in path.rglob("*") if p.is_file() and ".locks" not in p.parts] if path.exists() else []
 
 
 # ---- run ------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def test_run_end_to_end(results_dir):
 def test_run_without_bn_writes_empty_bn_columns(results_dir):
     result = invoke("run", *tiny_run_overrides(results_dir, "mlp", "ln"))
     assert result.exit_code == 0, result.output
-    (folder,) = (results_dir / "default").iterdir()
+    (folder,) = (p for p in (results_dir / "default").iterdir() if not p.name.startswith("."))
     metrics = pd.read_csv(folder / "metrics.csv")
     assert metrics["test_acc_batch_stats"].isna().all() and metrics["test_acc_precise"].isna().all()
     summary = json.loads((folder / "summary.json").read_text())
@@ -216,7 +217,7 @@ def test_bn_at_batch_one_is_fine_on_conv_nets(results_dir):
     result = invoke("run", *tiny_run_overrides(results_dir, "cnn", "bn"), "batch_size=1", "data.num_train=8",
                     "data.num_test=4")
     assert result.exit_code == 0, result.output
-    (folder,) = (results_dir / "default").iterdir()
+    (folder,) = (p for p in (results_dir / "default").iterdir() if not p.name.startswith("."))
     assert json.loads((folder / "summary.json").read_text())["steps"] == 8
 
 

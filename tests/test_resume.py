@@ -84,12 +84,14 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_starts_again(tmp_
         runner.execute(cfg, StopAfter(1))
     folder = results.run_dir(cfg)
     metrics_before = (folder / "metrics.csv").read_bytes()
-    (folder / ".metrics.csv.k1ll3d.tmp").write_text("epoch,st")  # what a kill mid-write leaves
+    (folder / f".metrics.csv.k1ll3d{results.TEMP_SUFFIX}").write_text("epoch,st")  # what a kill mid-write leaves
     experiment = folder.parent
-    (experiment / ".runs.csv.k1ll3d.tmp").write_text("run_id,")
+    (experiment / f".runs.csv.k1ll3d{results.TEMP_SUFFIX}").write_text("run_id,")
+    (experiment / ".notes.tmp").write_text("the user's own file")
     assert results.read_metrics(folder).shape[0] == 1 and (folder / "metrics.csv").read_bytes() == metrics_before
 
     assert runner.execute(cfg).summary["status"] == "completed"
-    assert not list(folder.glob(".*.tmp"))
+    assert not list(folder.glob(f".*{results.TEMP_SUFFIX}"))
     report.write(report.build(experiment))
-    assert not list(experiment.glob(".*.tmp"))
+    assert not list(experiment.glob(f".*{results.TEMP_SUFFIX}"))
+    assert (experiment / ".notes.tmp").read_text() == "the user's own file"  # not ours: never removed

@@ -40,13 +40,20 @@ def wide_console(monkeypatch):
 
 @pytest.fixture
 def trained(monkeypatch) -> list[str]:
-    """Run ids of every training started (sweep._Train imports runner.execute at call time)."""
+    """Run ids of every training started (sweep._Train imports runner.execute at call time); a run whose
+    folder already held a finished result is not trained, so not counted."""
     calls: list[str] = []
     real = normbench.runner.execute
 
-    def counting(cfg, progress=None):
+    def counting(cfg, progress=None, **kwargs):
         calls.append(run_id(cfg))
-        return real(cfg, progress)
+        try:
+            result = real(cfg, progress, **kwargs)
+        except BaseException:
+            raise
+        if not result.trained:
+            calls.pop()
+        return result
 
     monkeypatch.setattr(normbench.runner, "execute", counting)
     return calls
@@ -150,19 +157,9 @@ def test_plan_marks_a_batch_larger_than_the_data_invalid(tmp_path):
     assert "larger than the training set (64 samples)" in planned[1].error
 
 
-def test_quick_preset_expands_to_the_documented_grid(tmp_path, monkeypatch):
-    """MLP: 4 norms x 7 batch sizes, CNN: 2 norms x 3 batch sizes, 3 seeds each (launch stubbed)."""
-    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-    from hydra.core.utils import JobReturn, JobStatus
-    from hydra.plugins.sweeper import Sweeper
-
-    def launch(self, job_overrides, initial_job_idx):
-        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=list(o))
-                for o in job_overrides]
-
-    monkeypatch.setattr(BasicLauncher, "launch", launch)
-    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: None)
-    jobs = sweep.plan(["experiment=quick", f"results_dir={tmp_path}"])
+def test_quick_preset_expands_to_the_documented_grid(tmp_path):
+    """MLP: 4 norms x 7 batch sizes, CNN: 2 norms x 3 batch sizes, 3 seeds each."""
+    jobs = sweep.expand(["experiment=quick", f"results_dir={tmp_path}"])
     assert len(jobs) == 102
 
     def value(job, key):
@@ -175,21 +172,7 @@ def test_quick_preset_expands_to_the_documented_grid(tmp_path, monkeypatch):
                          | set(itertools.product(["cnn"], ["bn", "gn"], [2, 8, 32], [0, 1, 2])))
 
 
-def _stub_launch(monkeypatch):
-    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-    from hydra.core.utils import JobReturn, JobStatus
-    from hydra.plugins.sweeper import Sweeper
-
-    def launch(self, job_overrides, initial_job_idx):
-        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=sorted(o))
-                for o in job_overrides]
-
-    monkeypatch.setattr(BasicLauncher, "launch", launch)
-    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: None)
-
-
-def test_grids_sweeper_runs_the_union_once_and_the_command_line_wins(tmp_path, monkeypatch):
-    _stub_launch(monkeypatch)
+def test_grids_sweeper_runs_the_union_once_and_the_command_line_wins(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "g.yaml").write_text(
         "# @package _global_\n"
@@ -198,11 +181,11 @@ def test_grids_sweeper_runs_the_union_once_and_the_command_line_wins(tmp_path, m
         "      - {norm: 'bn,ln', batch_size: '2,4'}\n"
         "      - {norm: 'ln,gn', batch_size: '4'}\n")
     base = ["experiment=g", f"results_dir={tmp_path / 'r'}"]
-    jobs = sweep.plan(base, config_dir=tmp_path)
+    jobs = sweep.expand(base, config_dir=tmp_path)
     keys = {tuple(sorted(o for o in j if o.split("=")[0] in ("norm", "batch_size", "seed"))) for j in jobs}
     # (bn, ln) x (2, 4) plus (ln, gn) x 4: 4 + 2 conditions, (ln, 4) shared once; x 2 seeds
     assert len(jobs) == 10 == len(keys)
-    narrowed = sweep.plan(base + ["seed=7"], config_dir=tmp_path)
+    narrowed = sweep.expand(base + ["seed=7"], config_dir=tmp_path)
     assert len(narrowed) == 5 and all("seed=7" in j for j in narrowed)
 
 

@@ -41,29 +41,35 @@ class GridsSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="normbench")
 
 
+def expand_jobs(config_loader, params: Optional[dict], grids: Optional[list], arguments: list[str]) -> list[list[str]]:
+    """Every job's overrides: the union of the grids, in order, without repeats."""
+    parser = OverridesParser.create(config_loader=config_loader)
+    jobs, seen = [], set()
+    for grid in grids or [{}]:
+        values = {**(params or {}), **grid}
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in values.items()] + list(arguments))
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:
+            key = tuple(sorted(job))
+            if key not in seen:
+                seen.add(key)
+                jobs.append(job)
+    return jobs
+
+
 class GridsSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict[str, str]] = None,
                  grids: Optional[list[dict[str, str]]] = None) -> None:
+        if max_batch_size is not None and max_batch_size < 1 and max_batch_size != -1:
+            raise ValueError(f"hydra.sweeper.max_batch_size must be >= 1, or -1 or null (all), got {max_batch_size}")
         super().__init__(max_batch_size, params)
         self.grids = [dict(g) for g in grids] if grids else [{}]
 
     def expand(self, arguments: list[str]) -> list[list[str]]:
-        """Every job's overrides: the union of the grids, in order, without repeats."""
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        jobs, seen = [], set()
-        for grid in self.grids:
-            values = {**(self.params or {}), **grid}
-            overrides = parser.parse_overrides([f"{k}={v}" for k, v in values.items()] + list(arguments))
-            for job in self.split_arguments(overrides, None)[0]:
-                key = tuple(sorted(job))
-                if key not in seen:
-                    seen.add(key)
-                    jobs.append(job)
-        return jobs
+        return expand_jobs(self.hydra_context.config_loader, self.params, self.grids, arguments)
 
     def sweep(self, arguments: list[str]) -> Any:
         jobs = self.expand(arguments)
-        n = self.max_batch_size or len(jobs) or 1
+        n = (len(jobs) or 1) if self.max_batch_size in (None, -1) else self.max_batch_size
         self.overrides = [jobs[i: i + n] for i in range(0, len(jobs), n)]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
