@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import os
+import sys
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -223,5 +225,20 @@ def _has_runs(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_dir() and (p / "config.yaml").exists() for p in folder.iterdir())
 
 
+_ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
+          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2"}
+
+
+def _transliterate(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII.get(c, "?") for c in text), error.end
+
+
 def main() -> None:
+    # A terminal or pipe that cannot encode "±" (PYTHONIOENCODING=ascii, a C locale) gets "+/-", not a crash
+    # after the results are written.
+    codecs.register_error("normbench", _transliterate)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="normbench")
     app()

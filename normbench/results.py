@@ -50,13 +50,17 @@ TEMP_SUFFIX = ".normbench-tmp"
 LOCKS = ".locks"
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
+def file_mode() -> int:
+    """The mode open() would give a new file under the current umask (read without changing it, on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
     os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+    return 0o666 & ~mask
 
 
 def remove_stale_temp_files(folder: Path) -> None:
@@ -98,7 +102,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)  # mkstemp makes 0600: a teammate could not read a shared results dir
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600: a teammate could not read a shared results dir
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
@@ -140,9 +144,17 @@ def run_dir(cfg: Config) -> Path:
     return inside(results_root(cfg), experiment_dir(cfg) / run_id(cfg))
 
 
-def check_writable(path: Path) -> None:
-    """Fail before training, not after, when results cannot be written."""
+def check_writable(path: Path, create: bool = True) -> None:
+    """Fail before training, not after, when results cannot be written. With `create` false (planning,
+    --dry-run) nothing is created: the nearest folder that exists must be writable."""
     try:
+        if not create:
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            return
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", suffix=TEMP_SUFFIX, delete=True)
         probe.close()
@@ -170,7 +182,7 @@ def run_lock(folder: Path, wait: bool = False):
         locks.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot write results to {folder.parent}: {e.strerror or e}") from e
-    lock = FileLock(locks / f"{folder.name}.lock", mode=FILE_MODE)
+    lock = FileLock(locks / f"{folder.name}.lock", mode=file_mode())
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:

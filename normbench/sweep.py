@@ -194,6 +194,7 @@ def plan(overrides: list[str], config_dir: str | Path | None = None,
     forget_failures()
     try:
         _check_bookkeeping(primary)
+        results.check_writable(Path(str(primary.results_dir)).expanduser(), create=False)
         planned = []
         for job in _expand(hydra, primary):
             try:
