@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import TINY_DATA
 from normbench import sweep
 from normbench.cli import app
-from normbench.config import RULES, SCHEMAS, Config, EvalConfig, PerfConfig, compose
+from normbench.config import RULES, SCHEMAS, Config, compose
 from normbench.errors import UserError
 
 cli = CliRunner()
@@ -304,8 +304,9 @@ def _typed_enough(schema: type, name: str) -> bool:
 
 def test_every_setting_has_a_meaning():
     """A new field needs a line in config.RULES (or a bool/enum type), so no value goes unchecked."""
-    schemas = {Config, EvalConfig, PerfConfig} | {s for group in SCHEMAS.values() for s in group.values()}
-    for schema in schemas:
+    schemas = [Config, *(s for group in SCHEMAS.values() for s in group.values())]
+    for schema in schemas:  # nested schemas (eval, perf, ...) join the list as they are found
+        schemas += [h for h in typing.get_type_hints(schema).values() if dataclasses.is_dataclass(h) and h not in schemas]
         ruled = {key for cls in schema.__mro__ for key in RULES.get(cls, {})}
         for f in dataclasses.fields(schema):
             if f.name == "device" and schema is Config:
