@@ -76,10 +76,19 @@ class Residual(str, Enum):
 
 
 @dataclass
+class NoiseConfig:
+    """Noisy BN (Santurkar et al. 2018): noise added after the norm while training; both 0: none."""
+
+    mean: float = 0.0  # each step, each channel's noise mean is drawn from U(-mean, mean)
+    std: float = 0.0  # and its std from U(0, std)
+
+
+@dataclass
 class NormConfig:
     name: str = MISSING
     eps: float = 1e-5
     position: Position = Position.pre_act
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 @dataclass
@@ -91,6 +100,24 @@ class BNConfig(NormConfig):
 
 @dataclass
 class GNConfig(NormConfig):
+    num_groups: int = 32
+
+
+@dataclass
+class BRNConfig(NormConfig):
+    momentum: Optional[float] = 0.1  # as BN's
+    r_max: float = 3.0  # clip limits of r and d, reached after warmup_steps (Ioffe 2017: 3 and 5)
+    d_max: float = 5.0
+    warmup_steps: int = 5000  # training steps over which the limits grow linearly from (1, 0), which is BN
+
+
+@dataclass
+class FusedActConfig(NormConfig):
+    """A norm that replaces the activation after it (frn's TLU, evonorm_s0): position must be pre_act."""
+
+
+@dataclass
+class EvoNormConfig(FusedActConfig):
     num_groups: int = 32
 
 
@@ -217,6 +244,7 @@ class Config:
     optim: Any = MISSING
     name: str = "default"  # experiment name: runs go to <results_dir>/<name>/<run_id>/
     batch_size: int = 64
+    norm_batch_size: Optional[int] = None  # BN's statistics over sub-batches of this size (ghost BN); None: batch_size
     epochs: int = 10
     lr: float = 0.1  # base learning rate, at base_batch_size
     lr_scaling: LrScaling = LrScaling.linear
@@ -232,7 +260,9 @@ class Config:
 
 
 SCHEMAS = {
-    "norm": {"bn": BNConfig, "ln": NormConfig, "in": NormConfig, "gn": GNConfig, "none": NormConfig},
+    "norm": {"bn": BNConfig, "ln": NormConfig, "in": NormConfig, "gn": GNConfig, "none": NormConfig,
+             "brn": BRNConfig, "ws_gn": GNConfig, "rms": NormConfig, "frn": FusedActConfig,
+             "evonorm_s0": EvoNormConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet20": ResNetConfig, "rnn": RNNConfig},
     "data": {"mnist": DataConfig, "fashion_mnist": DataConfig, "cifar10": DataConfig, "cifar100": DataConfig,
              "synthetic": SyntheticConfig},
@@ -543,10 +573,15 @@ SHIFTS = Must(_valid_shifts, "a list of distinct KIND:SEVERITY, KIND one of cont
 # checked by their types; each group's `name` is checked against the schema it is set in (`_check_kinds`).
 RULES: dict[type, dict[str, Must]] = {
     Config: {"batch_size": POSITIVE, "epochs": POSITIVE, "lr": POSITIVE, "base_batch_size": POSITIVE,
-             "seed": SEED, "eval_batch_size": POSITIVE, "results_dir": FOLDER},
+             "seed": SEED, "eval_batch_size": POSITIVE, "results_dir": FOLDER,
+             "norm_batch_size": optional(POSITIVE)},
     EvalConfig: {"precise_bn_samples": POSITIVE, "shifts": SHIFTS},
     NormConfig: {"eps": POSITIVE},
     BNConfig: {"momentum": optional(UNIT_OPEN_CLOSED)},
+    NoiseConfig: {"mean": NON_NEGATIVE, "std": NON_NEGATIVE},
+    BRNConfig: {"momentum": optional(UNIT_OPEN_CLOSED), "r_max": AT_LEAST_ONE, "d_max": NON_NEGATIVE,
+                "warmup_steps": NON_NEGATIVE},
+    EvoNormConfig: {"num_groups": POSITIVE},
     GNConfig: {"num_groups": POSITIVE},
     MLPConfig: {"width": POSITIVE, "depth": AT_LEAST_ONE},
     CNNConfig: {"channels": Must(lambda v: len(v) > 0 and all(c > 0 for c in v), "a non-empty list of sizes > 0"),
@@ -580,7 +615,31 @@ def validate(cfg: Config) -> None:
         raise UserError(f"norm=bn with batch_size=1 on model={cfg.model.name}: batch norm on flat features "
                         "takes each channel's statistics over the batch alone, and one value has no variance. "
                         "Use batch_size >= 2, or norm=ln/gn, which do not depend on the batch")
+    _check_norm_batch(cfg)
+    if isinstance(cfg.norm, FusedActConfig) and cfg.norm.position != Position.pre_act:
+        raise UserError(f"norm={cfg.norm.name} replaces the activation, so norm.position must be pre_act "
+                        "(there is no ReLU to put it after)")
+    if (cfg.norm.noise.mean or cfg.norm.noise.std) and cfg.model.name == "rnn":
+        raise UserError("norm.noise is not available inside recurrent cells (model=rnn): "
+                        "use it with model=mlp, cnn or resnet20")
     _check_device(cfg.device)
+
+
+def _check_norm_batch(cfg: Config) -> None:
+    """Ghost BN's sub-batches tile the SGD batch, and hold more than one value per statistic."""
+    nbs = cfg.norm_batch_size
+    if nbs is None:
+        return
+    if cfg.norm.name != "bn":
+        raise UserError(f"norm_batch_size applies to batch norm (norm=bn or bn_shared), not norm={cfg.norm.name}; "
+                        "leave it null")
+    if cfg.batch_size % nbs:
+        fits = [d for d in range(1, cfg.batch_size + 1) if cfg.batch_size % d == 0]
+        raise UserError(f"norm_batch_size={nbs} does not divide batch_size={cfg.batch_size}: BN's sub-batches "
+                        f"tile each batch; values that do: {', '.join(map(str, fits))}")
+    if nbs == 1 and cfg.model.name in ("mlp", "rnn"):
+        raise UserError(f"norm_batch_size=1 on model={cfg.model.name}: batch norm on flat features takes each "
+                        "channel's statistics over the sub-batch alone, and one value has no variance")
 
 
 def _check_name(name: str) -> None:
@@ -681,6 +740,7 @@ NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_
 # behaviour before they existed), so adding a knob never orphans a finished run.
 # A key a config does not have (model.residual on a model other than resnet20) is not hashed either.
 HASHED_WHEN_SET = {"optim.norm_weight_decay": None, "data.batch_classes": None, "eval.shifts": [],
+                   "norm_batch_size": None, "norm.noise": {"mean": 0.0, "std": 0.0},
                    "model.residual": "standard"}
 _ABSENT = object()
 
@@ -702,6 +762,8 @@ def dict_hash(config: dict) -> str:
     d = json.loads(json.dumps(config))
     for key in NOT_HASHED:
         _pop(d, key)
+    if d.get("norm_batch_size") == d.get("batch_size"):
+        d["norm_batch_size"] = None  # a normalization batch of the whole batch is plain BN: the same run
     for key, default in HASHED_WHEN_SET.items():
         value = _pop(d, key, _ABSENT)
         if value is not _ABSENT and value != default:

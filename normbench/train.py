@@ -4,8 +4,9 @@ Batch norm is evaluated three ways, to separate training with noisy statistics
 from evaluating with poor running averages (PROTOCOL.md section 2.5):
 
 * ``test_acc``: eval mode, with the running averages (the standard);
-* ``test_acc_batch_stats``: train-mode BN at the training batch size, each batch
-  normalized with its own statistics, running averages untouched;
+* ``test_acc_batch_stats``: train-mode BN at the normalization batch size (``norm_batch_size``,
+  else the training batch size), each batch normalized with its own statistics, running
+  averages untouched;
 * ``test_acc_precise``: population statistics recomputed over training samples with
   the weights frozen (PreciseBN), then eval mode. They are exact: each BN layer's
   batch moments are pooled over all samples (and over the time steps that share
@@ -31,7 +32,7 @@ from torch import nn
 
 from normbench.config import Config, effective_lr
 from normbench.data import Data, epoch_order, get_batch
-from normbench.norms import RecurrentBatchNorm, batch_moments, is_norm
+from normbench.norms import RecurrentBatchNorm, batch_moments, is_norm, norm_batches
 
 REFRESH_SECONDS = 0.5  # how often the loop reads the loss back: progress display and divergence check
 
@@ -377,7 +378,7 @@ def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.
     order = epoch_order(data, cfg.batch_size, generators[0])  # (steps * B,)
     losses, predictions = [], []
     next_refresh, loss_sum, checked = time.monotonic() + REFRESH_SECONDS, 0.0, 0
-    with _gc_paused():
+    with _gc_paused(), norm_batches(model, cfg.norm_batch_size):  # ghost BN: only while training
         for start in range(0, len(order), cfg.batch_size):
             x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
             schedule.apply(step + len(losses))
@@ -452,8 +453,8 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
             epoch=epoch, step=step, lr=schedule.lr(step),
             train_loss=ep.losses.mean().item(), train_acc=100.0 * ep.correct / (ep.steps * cfg.batch_size),
             test_loss=test_loss, test_acc=test_acc,
-            test_acc_batch_stats=(evaluate_batch_stats(model, data.test_x, data.test_y, cfg.batch_size,
-                                                       cfg.eval_batch_size)
+            test_acc_batch_stats=(evaluate_batch_stats(model, data.test_x, data.test_y,
+                                                       cfg.norm_batch_size or cfg.batch_size, cfg.eval_batch_size)
                                   if extra and batch_norm_anywhere and cfg.eval.batch_stats else nan),
             test_acc_precise=evaluate_precise(model, data, cfg) if extra and bn and cfg.eval.precise_bn else nan,
             seconds=time.perf_counter() - start, samples_per_s=ep.steps * cfg.batch_size / train_seconds)

@@ -27,6 +27,11 @@ def normalize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + EPS)
 
 
+def rms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over `dims`: no mean subtracted."""
+    return x / torch.sqrt(x.pow(2).mean(dim=dims, keepdim=True) + EPS)
+
+
 def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Per sample, per group of C/G channels (and all positions)."""
     n, c = x.shape[:2]
@@ -47,12 +52,42 @@ REFERENCE = {
     ("gn", FLAT): lambda x: grouped(x, G),
     ("gn", SPATIAL): lambda x: grouped(x, G),
     ("gn", RECURRENT): lambda x: grouped(x, G),
+    ("brn", FLAT): lambda x: normalize(x, (0,)),  # at step 0 the clip limits are (1, 0): BN exactly
+    ("brn", SPATIAL): lambda x: normalize(x, (0, 2, 3)),
+    ("ws_gn", FLAT): lambda x: grouped(x, G),  # the norm itself is GN; the feeding layers are standardized
+    ("ws_gn", SPATIAL): lambda x: grouped(x, G),
+    ("rms", FLAT): lambda x: rms(x, (1,)),
+    ("rms", SPATIAL): lambda x: rms(x, (1, 2, 3)),
+    ("rms", RECURRENT): lambda x: rms(x, (1,)),
     ("none", FLAT): lambda x: x,
     ("none", SPATIAL): lambda x: x,
     ("none", RECURRENT): lambda x: x,
 }
-UNDEFINED = {("in", FLAT), ("in", RECURRENT)}
-BATCH_DEPENDENT = {"bn"}
+
+
+def channel(p: nn.Parameter) -> torch.Tensor:
+    return p.detach().reshape(1, -1, 1, 1)
+
+
+def frn_tlu(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    y = x / torch.sqrt(x.pow(2).mean(dim=(2, 3), keepdim=True) + EPS) * channel(m.weight) + channel(m.bias)
+    return torch.maximum(y, channel(m.tau))
+
+
+def evonorm_s0(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    n, c, h, w = x.shape
+    std = torch.sqrt(x.reshape(n, G, -1).var(dim=2, unbiased=False) + EPS)  # (N, G)
+    std = std.repeat_interleave(c // G, dim=1).reshape(n, c, 1, 1)
+    return x * torch.sigmoid(channel(m.v) * x) / std * channel(m.weight) + channel(m.bias)
+
+
+# Norms whose output is not reference * gamma + beta: the whole output, from the layer's parameters.
+FULL = {("frn", SPATIAL): frn_tlu, ("evonorm_s0", SPATIAL): evonorm_s0}
+UNDEFINED = {("in", FLAT), ("in", RECURRENT), ("brn", RECURRENT), ("ws_gn", RECURRENT),
+             ("frn", FLAT), ("frn", RECURRENT), ("evonorm_s0", FLAT), ("evonorm_s0", RECURRENT)}
+BATCH_DEPENDENT = {"bn", "brn"}
+ACTIVATION = {"frn", "evonorm_s0"}  # bring their own nonlinearity: no ReLU in their block
+NOT_CENTERING = {"none", "rms", "frn", "evonorm_s0"}  # a bias before them is not removed
 
 OPTIONS = NormOptions(eps=EPS, num_groups=G)
 
@@ -75,6 +110,8 @@ def affine_of(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if weight is None:
         return torch.ones(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype)
+    if bias is None:  # RMSNorm has no shift
+        return weight.detach().reshape(shape), torch.zeros(1, dtype=x.dtype)
     return weight.detach().reshape(shape), bias.detach().reshape(shape)
 
 
@@ -87,13 +124,16 @@ def test_statistics_axes_match_reference(name, kind):
         with pytest.raises(UserError, match="undefined"):
             create_norm(name, C, kind, OPTIONS, steps=T)
         return
-    assert (name, kind) in REFERENCE, f"add a reference for the new norm {name!r} on {kind} features"
+    assert (name, kind) in REFERENCE or (name, kind) in FULL, f"add a reference for the new norm {name!r} on {kind}"
     layer = create_norm(name, C, kind, OPTIONS, steps=T).double()
     set_affine(layer)
     layer.train()
     x = sample(kind)
-    gamma, beta = affine_of(layer, x)
-    expected = REFERENCE[name, kind](x) * gamma + beta
+    if (name, kind) in FULL:
+        expected = FULL[name, kind](x, layer)
+    else:
+        gamma, beta = affine_of(layer, x)
+        expected = REFERENCE[name, kind](x) * gamma + beta
     out = apply(layer, x, kind, t=2)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     if name != "none":  # the norm really changed something (the reference is not trivially the input)
@@ -327,16 +367,19 @@ def test_longer_sequence_than_steps_reuses_last_row():
 @pytest.mark.parametrize("position", ["pre_act", "post_act"])
 def test_factory_bias_and_block_order(name, position):
     factory = NormFactory(name, OPTIONS, position)
-    assert factory.bias is (name == "none" or position == "post_act")
-    kind = FLAT if name != "in" else SPATIAL
+    assert factory.bias is (name in NOT_CENTERING or position == "post_act")
+    kind = SPATIAL if (name, FLAT) in UNDEFINED else FLAT
     block = factory.block(C, kind)
+    if name in ACTIVATION:  # the norm is its own activation: the block is the norm alone
+        assert len(block) == 1 and not any(isinstance(m, nn.ReLU) for m in block.modules())
+        return
     assert len(block) == 2
     relu_at = 1 if position == "pre_act" else 0
     assert isinstance(block[relu_at], nn.ReLU)
     assert not isinstance(block[1 - relu_at], nn.ReLU)
     # functionally: pre_act is relu(norm(x)), post_act is norm(relu(x))
     block = block.double().train()
-    norm = block[1 - relu_at]
+    norm = copy.deepcopy(block[1 - relu_at])  # a copy: brn's own state moves at every training forward
     x = sample(kind) - 0.3  # about half negative
     expected = torch.relu(norm(x)) if position == "pre_act" else norm(torch.relu(x))
     torch.testing.assert_close(block(x), expected)

@@ -10,7 +10,7 @@ import zlib
 import torch
 from torch import nn
 
-from normbench.norms import NormFactory, validate_norms
+from normbench.norms import NormFactory, NormNoise, validate_norms
 from normbench.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -30,9 +30,11 @@ def seeded_init(model: nn.Module, seed: int) -> None:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             module.reset_parameters()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if hasattr(module, "reset_cell_parameters"):
             module.reset_cell_parameters()
+        if isinstance(module, NormNoise):  # norm.noise draws from a stream of its own, seeded likewise
+            module.reseed(seed, name)
 
 
 def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: NormFactory,

@@ -17,7 +17,7 @@ def cnn(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: NormFact
         if stage > 0:
             layers.append(nn.MaxPool2d(2))  # (N, C, H, W) -> (N, C, H/2, W/2)
         for _ in range(cfg.convs_per_stage):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm.bias), norm.block(c_out, SPATIAL)]
+            layers += [norm.conv(c_in, c_out, 3, padding=1), norm.block(c_out, SPATIAL)]
             c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
     return nn.Sequential(*layers)

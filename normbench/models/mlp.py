@@ -16,7 +16,7 @@ def mlp(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: NormFact
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = math.prod(input_shape)
     for _ in range(cfg.depth):
-        layers += [nn.Linear(fan_in, cfg.width, bias=norm.bias), norm.block(cfg.width, FLAT)]
+        layers += [norm.linear(fan_in, cfg.width), norm.block(cfg.width, FLAT)]
         fan_in = cfg.width
     layers.append(nn.Linear(fan_in, num_classes))
     return nn.Sequential(*layers)

@@ -21,9 +21,9 @@ from normbench.norms import SPATIAL, NormFactory
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, norm: NormFactory):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=norm.bias)
+        self.conv1 = norm.conv(c_in, c_out, 3, stride=stride, padding=1)
         self.act1 = norm.block(c_out, SPATIAL)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=norm.name == "none")
+        self.conv2 = norm.conv(c_out, c_out, 3, padding=1, bias=not norm.spec.centers)  # feeds norm2 directly
         self.norm2 = norm(c_out, SPATIAL)
         self.stride, self.pad = stride, c_out - c_in
 
@@ -45,7 +45,7 @@ class CifarResNet(nn.Module):
             raise UserError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
         widths = [width, 2 * width, 4 * width]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=norm.bias),
+        self.stem = nn.Sequential(norm.conv(in_channels, width, 3, padding=1),
                                   norm.block(width, SPATIAL))
         blocks, c_in = [], width
         for stage, c_out in enumerate(widths):
