@@ -4,6 +4,18 @@ Files are read (and downloaded where possible) through torchvision into the data
 root, decoded once per process to uint8 tensors, then moved to the device and
 normalized once. Training batches are slices of a seeded `randperm`; augmentation
 runs on whole batches on the device. There is no per-sample Python and no DataLoader.
+
+Non-iid batches (``data.batch_classes=k``, the setting Batch Renormalization was made
+for, Ioffe 2017) are formed afresh every epoch from the same epoch generator
+(`class_batches`): each class's samples are shuffled and cut into chunks of B/k;
+the chunks, listed class by class in a shuffled class order, are dealt into k
+lanes of equal length (consecutive stretches of that list); each lane is shuffled, and
+batch j joins the j-th chunk of every lane. A batch therefore holds B/k samples from
+each of at most k classes (exactly k, unless a class that spans two lanes meets
+itself). No sample appears twice in an epoch; left out are each class's last
+(size mod B/k) samples and the last (chunks mod k) chunks, different samples
+every epoch. k = number of classes with B/k samples per class gives stratified,
+class-balanced batches.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from normbench.errors import DataError
+from normbench.errors import DataError, UserError
 from normbench.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -46,6 +58,7 @@ class Data:
     num_classes: int
     augment: bool
     flip: bool
+    batch_classes: int | None = None  # each training batch from this many classes; None: iid batches
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -187,7 +200,8 @@ _FAILED: dict[str, DataError] = {}  # planning: datasets that could not be loade
 
 def decoded(cfg) -> RawData:
     """The decoded uint8 dataset, read from disk once per process and dataset settings."""
-    key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in ("train_size", "test_size", "augment")))
+    kept = ("train_size", "test_size", "augment", "batch_classes")  # applied after decoding
+    key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in kept))
     if key in _FAILED:
         raise _FAILED[key]  # planning a sweep: one download attempt per dataset, not one per job
     if key not in _DECODED:
@@ -231,7 +245,7 @@ def load_data(cfg, device: torch.device) -> Data:
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)  # (1, C, 1, 1)
     std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return Data((train_x - mean) / std, train_y.to(device), (test_x - mean) / std, test_y.to(device),
-                raw.num_classes, cfg.augment, raw.flip)
+                raw.num_classes, cfg.augment, raw.flip, cfg.batch_classes)
 
 
 def augment_batch(x: torch.Tensor, flip: bool, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -249,9 +263,45 @@ def augment_batch(x: torch.Tensor, flip: bool, generator: torch.Generator, pad: 
     return padded.gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
+def class_batches(y: torch.Tensor, num_classes: int, batch_size: int, k: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """(batches, batch_size) sample indices, each row from at most `k` classes (module docstring).
+
+    `y` holds the labels on the CPU; every draw comes from `generator`, in a fixed order."""
+    chunk = batch_size // k
+    classes = torch.randperm(num_classes, generator=generator)
+    chunks = []
+    for c in classes.tolist():
+        own = (y == c).nonzero().squeeze(1)
+        own = own[torch.randperm(len(own), generator=generator)]
+        chunks.append(own[: len(own) - len(own) % chunk].view(-1, chunk))  # (chunks of class c, B/k)
+    chunks = torch.cat(chunks)  # (T, B/k), class by class
+    per_lane = len(chunks) // k
+    lanes = chunks[: per_lane * k].view(k, per_lane, chunk)
+    lanes = torch.stack([lane[torch.randperm(per_lane, generator=generator)] for lane in lanes])
+    return lanes.transpose(0, 1).reshape(per_lane, batch_size)  # batch j: the j-th chunk of every lane
+
+
+def batches_per_epoch(data: Data, batch_size: int) -> int:
+    """Training steps in one epoch: the same every epoch, since which samples are left out does not
+    change how many are."""
+    if data.batch_classes is None:
+        return len(data.train_y) // batch_size
+    k, chunk = data.batch_classes, batch_size // data.batch_classes
+    steps = int((torch.bincount(data.train_y.cpu(), minlength=data.num_classes) // chunk).sum()) // k
+    if steps == 0:
+        raise UserError(f"data.batch_classes={k} with batch_size={batch_size} makes no batch: it needs {k} "
+                        f"chunks of {chunk} samples of one class each. Use a smaller batch_size or batch_classes")
+    return steps
+
+
 def epoch_order(data: Data, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """This epoch's sample order: a seeded permutation (drawn on the CPU, so the same on every device),
-    cut to whole batches: the last incomplete batch is dropped."""
+    cut to whole batches: the last incomplete batch is dropped. With `data.batch_classes` set, the
+    batches of `class_batches` one after another."""
+    if data.batch_classes is not None:
+        rows = class_batches(data.train_y.cpu(), data.num_classes, batch_size, data.batch_classes, generator)
+        return rows.flatten().to(data.train_x.device)
     n = len(data.train_y)
     return torch.randperm(n, generator=generator)[: n - n % batch_size].to(data.train_x.device)
 

@@ -86,6 +86,7 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
         "epochs": cfg.epochs, "epochs_completed": len(done), "steps_per_epoch": steps_per_epoch,
         "steps": done[-1].step if done else 0, "effective_lr": effective_lr(cfg),
         "final": final, "best_test_acc": max((r.test_acc for r in done), default=None),
+        **({"shifts": fitted.shifts} if fitted and fitted.shifts else {}),  # only with eval.shifts set
         "wall_seconds": round(seconds, 3), "num_parameters": params, "device": str(device),
         "threads": torch.get_num_threads(),
         **(_peak_memory_mb(device)), "versions": results.versions(), "git_sha": results.git_sha(),

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.config import Config, effective_lr
-from normbench.data import Data, epoch_order, get_batch
+from normbench.data import Data, batches_per_epoch, epoch_order, get_batch
 from normbench.norms import RecurrentBatchNorm, batch_moments, is_norm, norm_batches
+from normbench.shifts import evaluate_shifts
 
 REFRESH_SECONDS = 0.5  # how often the loop reads the loss back: progress display and divergence check
 
@@ -58,6 +59,7 @@ class FitResult:
     status: str = "completed"  # completed | diverged
     diverged_step: int | None = None
     steps_per_epoch: int = 0
+    shifts: dict = field(default_factory=dict)  # eval.shifts: {shift: {test_acc, test_acc_adapted}}
 
 
 class Progress:
@@ -415,7 +417,7 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
     continues after that epoch exactly as if it had never stopped.
     """
     progress = progress or Progress()
-    steps_per_epoch = len(data.train_y) // cfg.batch_size
+    steps_per_epoch = batches_per_epoch(data, cfg.batch_size)
     optimizer = make_optimizer(cfg, model)
     schedule = LrSchedule(cfg, optimizer, steps_per_epoch)
     generators = (torch.Generator().manual_seed(cfg.seed),  # data order, on the CPU: the same on every device
@@ -464,4 +466,6 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
                           "records": [asdict(r) for r in result.records], "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators]})
         progress.epoch_end(record)
+    if result.status == "completed":
+        result.shifts = evaluate_shifts(model, data, cfg)
     return result
