@@ -66,6 +66,11 @@ def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
 
 def write(report: Report) -> Path:
     """Write runs.csv, summary.csv, pivot.csv, delta_vs_bn.csv, degradation.csv, figures and report.md."""
+    with results.report_lock(report.experiment):
+        return _write(report)
+
+
+def _write(report: Report) -> Path:
     out = report.experiment
     results.remove_stale_temp_files(out)  # a sweep killed while writing its report may have left one
     results.write_table(out / "runs.csv", report.runs)

@@ -156,7 +156,8 @@ def check_writable(path: Path, create: bool = True) -> None:
                 raise PermissionError(13, "Permission denied")
             return
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", suffix=TEMP_SUFFIX, delete=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", delete=True)  # not a TEMP_SUFFIX: a
+        # report being written elsewhere cleans those up, and must not take this one from under us
         probe.close()
     except OSError as e:
         raise UserError(f"cannot write results to {path}: {e.strerror or e}") from e
@@ -175,20 +176,32 @@ def run_lock(folder: Path, wait: bool = False):
 
     Raises `Busy` when another process holds it and `wait` is false.
     """
+    with _lock(folder.parent / LOCKS / f"{folder.name}.lock", wait, lambda: Busy(folder)):
+        yield
+
+
+@contextmanager
+def report_lock(experiment: Path):
+    """Held while an experiment's report is written: two sweeps finishing together write it in turn."""
+    with _lock(experiment / LOCKS / "report.lock", True, None):
+        yield
+
+
+@contextmanager
+def _lock(path: Path, wait: bool, busy):
     from filelock import FileLock, Timeout
 
-    locks = folder.parent / LOCKS
     try:
-        locks.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ResultsError(f"cannot write results to {folder.parent}: {e.strerror or e}") from e
-    lock = FileLock(locks / f"{folder.name}.lock", mode=file_mode())
+        raise ResultsError(f"cannot write results to {path.parent.parent}: {e.strerror or e}") from e
+    lock = FileLock(path, mode=file_mode())
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
-        raise Busy(folder) from None
+        raise busy() from None
     except OSError as e:
-        raise ResultsError(f"cannot lock {folder}: {e.strerror or e}") from e
+        raise ResultsError(f"cannot lock {path}: {e.strerror or e}") from e
     try:
         yield
     finally:
@@ -293,10 +306,10 @@ def clean_finished(folder: Path, summary: dict) -> None:
 
     Only when no process holds the run's lock, so nothing being written is touched.
     """
-    if summary.get("status") not in FINISHED or not (folder / CHECKPOINT).exists() and not any(
-            folder.glob(f".*{TEMP_SUFFIX}")):
-        return
     try:
+        if summary.get("status") not in FINISHED or not (folder / CHECKPOINT).exists() and not any(
+                folder.glob(f".*{TEMP_SUFFIX}")):
+            return
         with run_lock(folder):
             remove_stale_temp_files(folder)
             if not (summary.get("config") or {}).get("keep_checkpoint"):
@@ -403,6 +416,11 @@ def record_sweep(experiment: Path, entry: dict) -> None:
 
     A file that cannot be read back is kept aside (``sweeps.json.damaged-N``), never silently replaced.
     """
+    with report_lock(experiment):  # two sweeps finishing together: both entries are kept
+        _append_sweep(experiment, entry)
+
+
+def _append_sweep(experiment: Path, entry: dict) -> None:
     path = experiment / "sweeps.json"
     warnings: list[str] = []
     earlier = read_sweeps(experiment, warnings)

@@ -117,7 +117,7 @@ def check(cfg: Config) -> float:
     _check_batch_fits(cfg, n_train)
     shape = tuple(raw.train_x.shape[1:])
     model = build_model(cfg.model, shape, raw.num_classes, norm_factory(cfg), cfg.seed)
-    results.check_writable(results.experiment_dir(cfg))
+    results.check_writable(results.experiment_dir(cfg), create=False)
     calls, macs = forward_work(model, shape)
     return cfg.epochs * (n_train // cfg.batch_size) * (calls * CALL_COST_MACS + cfg.batch_size * macs)
 

@@ -65,7 +65,7 @@ def hydra_multirun(overrides: list[str], task_function, config_dir: str | Path |
     """Run `task_function` on every job of a Hydra sweep; return the jobs' return values in order."""
     try:
         batches = _hydra().multirun(config_name="config", task_function=task_function,
-                                    overrides=list(overrides) + search_path_overrides(config_dir))
+                                    overrides=list(overrides) + search_path_overrides(config_dir, overrides))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         raise UserError(clean_hydra_error(e)) from e
     finally:
@@ -77,7 +77,7 @@ def compose_primary(overrides: list[str], config_dir: str | Path | None = None):
     """The sweep's primary config (multirun mode) and the Hydra that composed it."""
     hydra = _hydra()
     try:
-        return hydra, hydra.compose_config("config", list(overrides) + search_path_overrides(config_dir),
+        return hydra, hydra.compose_config("config", list(overrides) + search_path_overrides(config_dir, overrides),
                                            run_mode=RunMode.MULTIRUN)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         GlobalHydra.instance().clear()
@@ -415,7 +415,8 @@ class SweepOutcome:
         bad = {p.label: p.error for p in self.planned if p.state == "invalid"}
         bad.update({run_id(p.cfg): p.error or "failed" for p in self.planned
                     if p.state == "failed" and not self.retry_failed})
-        bad.update({o["run_id"]: o.get("error") or "failed" for o in self.outcomes if o["status"] == "failed"})
+        bad.update({o["run_id"]: o.get("error") or o["status"] for o in self.outcomes
+                    if o["status"] in ("failed", "invalid")})
         return list(bad.items())
 
     @property

@@ -184,10 +184,8 @@ def test_override_that_could_run_code_is_refused_by_run_and_config(tmp_path, res
     assert not mark.exists() and not results_dir.exists()
 
 
-@pytest.mark.xfail(reason="normbench/sweep.py must pass the overrides on: search_path_overrides(config_dir, overrides)",
-                   strict=False)
 @pytest.mark.parametrize("command", [["sweep", "--dry-run"], ["sweep"]])
-@pytest.mark.parametrize("override,phrase", EVIL_OVERRIDES[:3])
+@pytest.mark.parametrize("override,phrase", EVIL_OVERRIDES)
 def test_override_that_could_run_code_is_refused_by_sweep(tmp_path, results_dir, command, override, phrase):
     mark = tmp_path / "pwned"
     one_error_line(invoke(*command, *TINY_DATA, "epochs=1", f"results_dir={results_dir}",
