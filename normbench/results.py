@@ -295,6 +295,11 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
     if final is not None and not (isinstance(final, dict) and all(isinstance(v, _NUMBER_OR_NONE)
                                                                   for v in final.values())):
         return "summary.json has a malformed 'final'"
+    shifts = summary.get("shifts", {})
+    if not (isinstance(shifts, dict) and all(isinstance(v, dict) and all(isinstance(x, _NUMBER_OR_NONE)
+                                                                         for x in v.values())
+                                             for v in shifts.values())):
+        return "summary.json has malformed 'shifts'"
     for key in ("epochs", "steps", "wall_seconds", "best_test_acc", "effective_lr"):
         if not isinstance(summary.get(key), _NUMBER_OR_NONE) or isinstance(summary.get(key), bool):
             return f"summary.json has a malformed {key!r}"

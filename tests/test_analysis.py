@@ -396,3 +396,14 @@ def test_recovery_capped_at_the_whole_loss():
     assert lo < 1 < hi
     assert recovery.endswith(f"recover {100 * share:.0f}% of the 20.0-point loss "
                              f"(95% interval {100 * lo:.0f}% to 100%).")
+
+
+def test_runs_table_has_a_column_per_test_time_shift():
+    from normbench.analysis import runs_table
+
+    summary = {"run_id": "r", "status": "completed", "final": {"test_acc": 90.0},
+               "config": {"seed": 0, "batch_size": 2, "data": {"name": "d"}, "model": {"name": "m"},
+                          "norm": {"name": "bn"}, "optim": {"name": "sgd"}},
+               "shifts": {"contrast:0.5": {"test_acc": 51.6, "test_acc_adapted": None}}}
+    row = runs_table([summary]).iloc[0]
+    assert row["test_acc@contrast:0.5"] == 51.6 and np.isnan(row["test_acc_adapted@contrast:0.5"])

@@ -232,6 +232,7 @@ def test_a_damaged_summary_never_crashes_and_never_blocks_the_run(results_dir, c
     (lambda s: s.update(final="x"), "malformed 'final'"),
     (lambda s: s["config"].update(epochs=99), "does not match its config_hash"),
     (lambda s: s.update(wall_seconds="slow"), "malformed 'wall_seconds'"),
+    (lambda s: s.update(shifts={"contrast:0.5": "x"}), "malformed 'shifts'"),
 ])
 def test_a_hand_edited_summary_is_skipped_with_a_warning(results_dir, edit, why):
     _, folder = finished(results_dir)

@@ -52,6 +52,7 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
             **{m: final.get(m) for m in METRICS},
             "best_test_acc": s.get("best_test_acc"), "diverged_step": s.get("diverged_step"),
             "wall_seconds": s.get("wall_seconds"), "samples_per_s": final.get("samples_per_s"),
+            **_shift_columns(s.get("shifts") or {}),
         })
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -60,11 +61,21 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
     config_cols = [c for c in frame.columns if c.startswith("config.")]
     for group in LABELLED:
         frame[group] = _labels(frame, group, [c for c in config_cols if c.startswith(f"config.{group}.")])
-    for m in METRICS + ["best_test_acc", "effective_lr", "wall_seconds", "samples_per_s"]:
+    shifted = [c for c in frame.columns if c.startswith(SHIFT_METRICS)]
+    for m in METRICS + ["best_test_acc", "effective_lr", "wall_seconds", "samples_per_s"] + shifted:
         frame[m] = pd.to_numeric(frame[m], errors="coerce")
     frame = frame.sort_values(["data", "model", "norm", "batch_size", "seed"], kind="stable").reset_index(drop=True)
     first = ["run_id", "status", *LABELLED, "batch_size", "seed", "effective_lr", "epochs", "steps"]
     return frame[first + [c for c in frame.columns if c not in first]]
+
+
+SHIFT_METRICS = ("test_acc@", "test_acc_adapted@")
+
+
+def _shift_columns(shifts: dict) -> dict:
+    """`test_acc@contrast:0.5` and `test_acc_adapted@contrast:0.5` (BN re-estimated on the shifted inputs) for
+    each test-time shift a run was evaluated under (`eval.shifts`)."""
+    return {f"{metric}{key}": values.get(metric[:-1]) for key, values in shifts.items() for metric in SHIFT_METRICS}
 
 
 def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
