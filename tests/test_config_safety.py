@@ -250,7 +250,7 @@ INVALID = [
     ("optim.name=adam", "optim.name=adam does not fit the chosen optim config, which has the keys of sgd; "
                         "choose it with optim=adam"),
     ("norm.name=gn", "norm.name=gn does not fit the chosen norm config"),
-    ("norm.name=foo", "unknown norm 'foo'; valid: bn, gn, in, ln, none"),
+    ("norm.name=foo", "unknown norm 'foo'; valid: " + ", ".join(sorted(SCHEMAS["norm"]))),
     ("name=.", "name '.' must be letters, digits, '.', '_' or '-', starting with a letter or digit"),
     ("name=..", "name '..' must be"),
     ("name=-x", "name '-x' must be"),
