@@ -21,7 +21,7 @@ from normbench.config import GROUPS, compose, run_id, to_dict
 from normbench.display import EpochProgress, console, summary_table
 from normbench.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compare normalization layers across batch sizes, with error bars.")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(

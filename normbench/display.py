@@ -52,6 +52,9 @@ class EpochProgress(Progress):
             speed = f"{steps_done * self.batch_size / elapsed:,.0f} samples/s" if elapsed else ""
             self.bar.update(self.task, completed=steps_done, loss=f"{loss:.4f}", speed=speed)
 
+    def resumed(self, epochs_done: int, epochs: int) -> None:
+        self.out.print(f"{self.label}resuming from its checkpoint at epoch {epochs_done + 1}/{epochs}")
+
     def epoch_end(self, r: EpochRecord) -> None:
         line = (f"{self.label}epoch {r.epoch}/{self.epochs}  train_loss {r.train_loss:.4f}  "
                 f"train_acc {r.train_acc:.2f}%  test_acc {r.test_acc:.2f}%")

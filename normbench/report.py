@@ -57,8 +57,8 @@ def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
     written = []
     for experiment in outcome.experiment_dirs:
         results.record_sweep(experiment, {
-            "command": command.strip(), "seconds": round(outcome.seconds, 1), "trained": outcome.trained,
-            "skipped": len(outcome.outcomes) - outcome.trained, "failed": len(outcome.failures)})
+            "command": command.strip(), "seconds": round(outcome.seconds, 1), "planned": len(outcome.planned),
+            "trained": outcome.trained, "already_done": outcome.already_done, "failed": len(outcome.failures)})
         rep = build(experiment)
         written.append((rep, write(rep)))
     return written
@@ -194,12 +194,23 @@ def _provenance(r: Report) -> list[str]:
              f"- git sha: {', '.join(shas)}",
              f"- epochs per run: {first.epochs}; lr scaling: {first['config.lr_scaling']} "
              f"(base lr {first['config.lr']} at batch {first['config.base_batch_size']})"]
-    for sweep in r.sweeps:
-        lines.append(f"- `{sweep['command']}`: {sweep['trained']} trained, {sweep['skipped']} already done, "
-                     f"{sweep['failed']} failed, {sweep['seconds']:.0f} s wall")
+    lines += [f"- {_sweep_line(sweep)}" for sweep in r.sweeps]
     if r.warnings:
         lines += ["", "Skipped folders:"] + [f"- {w}" for w in r.warnings]
     return lines
+
+
+def _sweep_line(sweep: dict) -> str:
+    """One recorded sweep (read from sweeps.json, so any field may be missing or odd)."""
+    def count(key: str) -> str:
+        value = sweep.get(key)
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+    done = "already_done" if "already_done" in sweep else "skipped"  # the name before 0.2
+    seconds = sweep.get("seconds")
+    wall = f"{seconds:.0f} s wall" if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else "?"
+    return (f"`{sweep['command']}`: {count('trained')} trained, {count(done)} already done, "
+            f"{count('failed')} failed, {wall}")
 
 
 def rich_pivot(report: Report) -> Table:

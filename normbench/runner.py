@@ -258,6 +258,8 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
                                                 started=started))
     progress = progress or Progress()
     progress.run_start(run_id(cfg), cfg.epochs, cfg.batch_size)
+    if resume is not None:
+        progress.resumed(resume["epoch"], cfg.epochs)
     t0 = time.perf_counter()
     fitted = None
 

@@ -410,6 +410,13 @@ class SweepOutcome:
         return sum(1 for o in self.outcomes if not o.get("skipped") and o["status"] != "invalid")
 
     @property
+    def already_done(self) -> int:
+        """Runs finished before this sweep trained anything: at planning, or by another sweep meanwhile."""
+        done = ("completed",) if self.retry_failed else ("completed", "diverged")
+        return sum(1 for p in self.planned if p.state in done) + sum(
+            1 for o in self.outcomes if o.get("skipped") and o["status"] in results.FINISHED)
+
+    @property
     def failures(self) -> list[tuple[str, str]]:
         """(what, why) for every job without a result: invalid configs and failed runs, earlier ones too."""
         bad = {p.label: p.error for p in self.planned if p.state == "invalid"}

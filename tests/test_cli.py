@@ -310,3 +310,8 @@ def test_run_id_is_stable_and_ignores_locations(tmp_path):
                                                              "epochs=3", "norm.num_groups=2")}
     assert len(changed) == 6 and rid not in changed
     assert run_id(compose([*base, "norm=bn"])).startswith("cnn-bn-b8-s0-")
+
+
+def test_shell_completion_is_offered():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "--install-completion" in result.output

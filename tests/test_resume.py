@@ -95,3 +95,16 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_starts_again(tmp_
     report.write(report.build(experiment))
     assert not list(experiment.glob(f".*{results.TEMP_SUFFIX}"))
     assert (experiment / ".notes.tmp").read_text() == "the user's own file"  # not ours: never removed
+
+
+def test_a_resumed_run_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    overrides = [*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=3"]
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(compose(overrides), StopAfter(1))
+    result = CliRunner().invoke(app, ["run", *overrides])
+    assert result.exit_code == 0, result.output
+    assert "resuming from its checkpoint at epoch 2/3" in result.output

@@ -551,3 +551,59 @@ def test_the_terminal_display_counts_planned_runs_then_shows_the_sweep(tmp_path)
     with SweepDisplay(Console(file=io.StringIO(), force_terminal=False)) as plain:
         plain.planned(planned[0])  # off a terminal: no line per planned run
         assert plain.out.file.getvalue() == ""
+
+
+# ---- launchers: every documented knob reaches the launcher ---------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher, knobs", [
+    ("submitit_local", ["hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1",
+                        "hydra.launcher.mem_gb=2"]),
+    ("slurm", ["hydra.launcher.partition=gpu", "hydra.launcher.array_parallelism=8",
+               "hydra.launcher.timeout_min=240", "hydra.launcher.gpus_per_node=1"]),
+])
+def test_launcher_settings_from_the_command_line_are_accepted(tmp_path, launcher, knobs):
+    args = [*tiny(tmp_path, "norm=bn,ln"), f"hydra/launcher={launcher}", *knobs]
+    result = CliRunner().invoke(app, ["sweep", *args, "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    hydra, primary = sweep.compose_primary(args)
+    GlobalHydra.instance().clear()
+    for knob in knobs:
+        key, value = knob.split("=", 1)
+        assert str(primary.hydra.launcher[key.rsplit(".", 1)[1]]) == value
+
+
+def test_slurm_without_slurm_is_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    result = CliRunner().invoke(app, ["sweep", *tiny(tmp_path), "hydra/launcher=slurm",
+                                      "hydra.launcher.partition=gpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: hydra/launcher=slurm submits to SLURM") and \
+        len(result.output.strip().splitlines()) == 1
+
+
+# ---- what a sweep records of itself ---------------------------------------------------------------------
+
+
+def test_a_resumed_sweep_records_what_it_trained_and_what_was_done(tmp_path):
+    first = sweep.run(tiny(tmp_path, "seed=0,1"))
+    assert first.trained == 2 and first.already_done == 0
+    second = sweep.run(tiny(tmp_path, "seed=0,1,2"))
+    assert second.trained == 1 and second.already_done == 2
+    from normbench import report
+
+    report.after_sweep(second, "normbench sweep seed=0,1,2")
+    entry = results.read_sweeps(tmp_path / "default")[-1]
+    assert (entry["planned"], entry["trained"], entry["already_done"]) == (3, 1, 2)
+    assert "1 trained, 2 already done" in (tmp_path / "default" / "report.md").read_text()
+
+
+def test_odd_fields_in_sweeps_json_do_not_crash_the_report(tmp_path):
+    from normbench import report
+
+    sweep.run(tiny(tmp_path))
+    (tmp_path / "default" / "sweeps.json").write_text('[{"command": "x", "seconds": "slow", "trained": true}]')
+    text = report.write(report.build(tmp_path / "default")).read_text()
+    assert "`x`: ? trained, ? already done, ? failed, ?" in text
