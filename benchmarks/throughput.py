@@ -118,24 +118,11 @@ def bench_cell(model_name: str, norm: str, batch: int, device: torch.device, bud
             "data_share": t_data / t_ours}
 
 
-def rnn_vs_torch(device: torch.device, batch: int = 64, steps: int = 30) -> list[dict]:
-    """The in-cell-norm LSTM/GRU (each norm) vs nn.LSTM / nn.GRU: ms per forward + backward of 28 steps."""
-    rows = []
-    x = torch.randn(28, batch, 28, device=device)  # (T, N, features): a batch of row-by-row MNIST
-    for cell, reference in (("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU)):
-        ref = reference(28, 128).to(device)
-        t_ref = statistics.median(timed(lambda: _fwd_bwd(lambda: ref(x)[0][-1]), device) for _ in range(steps))
-        for norm in ("none", "bn", "ln", "gn"):
-            cfg = compose(["model=rnn", f"model.cell={cell}", f"norm={norm}", "data=synthetic"])
-            model = build_model(cfg.model, (1, 28, 28), 10, norm_factory(cfg), 0).to(device).cell
-            t = statistics.median(timed(lambda: _fwd_bwd(lambda: model(x)), device) for _ in range(steps))
-            rows.append({"cell": cell, "norm": norm, "batch_size": batch, "normbench_ms": 1e3 * t,
-                         "torch_nn_ms": 1e3 * t_ref, "slowdown_vs_torch_nn": t / t_ref})
-    return rows
+def rnn_vs_torch(device: torch.device, batch: int = 64) -> pd.DataFrame:
+    """The in-cell-norm LSTM/GRU (each norm) vs nn.LSTM / nn.GRU, side by side: benchmarks/rnn_cells.py."""
+    from rnn_cells import run  # this folder is on sys.path when the script runs
 
-
-def _fwd_bwd(forward) -> None:
-    forward().sum().backward()
+    return run(str(device), batch)
 
 
 def main() -> None:

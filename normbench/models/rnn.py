@@ -128,6 +128,14 @@ def _twin_known(norm: nn.Module, batch: int) -> bool:
     return isinstance(inner, (GroupNorm, nn.GroupNorm)) and inner.weight is not None
 
 
+def _weight_grad(das: list[torch.Tensor], saved: list[tuple]) -> torch.Tensor:
+    """The gradient of W_h: sum over steps of da_t^T h_{t-1}, as one matmul over all steps (das in
+    backward order; each step's saved values start with h_{t-1}). One large matmul instead of one
+    per step: on a busy CPU every multithreaded kernel waits for its slowest thread."""
+    da = torch.stack(das[::-1]).flatten(0, 1)  # (T * N, gates * H)
+    return da.t() @ torch.stack([step[0] for step in saved]).flatten(0, 1)
+
+
 def _summed(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Per-step (d weight, d bias) pairs summed over the steps."""
     return [torch.stack(g).sum(0) for g in zip(*grads)]
@@ -175,11 +183,10 @@ class _LSTMRecurrence(torch.autograd.Function):
         steps, hid = len(ctx.saved), w_h.shape[1]
         dxs = dh.new_empty(steps, dh.shape[0], 4 * hid)  # gradient of the gates, per step
         ds = dh.new_empty(dh.shape[0], 3 * hid)  # gradient of sigmoid(i, f, o), per step
-        d_w_h = torch.zeros_like(w_h)
         dc = torch.zeros_like(dh)
-        grads_h, grads_c = [], []
+        das, grads_h, grads_c = [], [], []
         for t in reversed(range(steps)):
-            h_prev, c_prev, stats_h, s, g, stats_c, tanh_c = ctx.saved[t]
+            _, c_prev, stats_h, s, g, stats_c, tanh_c = ctx.saved[t]
             i, f, o, _ = s.chunk(4, dim=1)
             dc_t, *grad_c = norm_c.backward(_aten.tanh_backward(dh * o, tanh_c), w_nc, stats_c)
             dc = dc + dc_t
@@ -190,11 +197,11 @@ class _LSTMRecurrence(torch.autograd.Function):
             _aten.tanh_backward.grad_input(dc * i, g, grad_input=dxs[t, :, 3 * hid:])
             da, *grad_h = norm_h.backward(dxs[t], w_nh, stats_h)
             dh = da @ w_h
-            d_w_h.addmm_(da.t(), h_prev)
             dc = dc * f
+            das.append(da)
             grads_h.append(grad_h)
             grads_c.append(grad_c)
-        return dxs, d_w_h, *_summed(grads_h), *_summed(grads_c), None, None
+        return dxs, _weight_grad(das, ctx.saved), *_summed(grads_h), *_summed(grads_c), None, None
 
 
 class _GRURecurrence(torch.autograd.Function):
@@ -225,8 +232,7 @@ class _GRURecurrence(torch.autograd.Function):
         dxs = dh.new_empty(steps, dh.shape[0], 3 * hid)  # gradient of the gates' input part, per step
         drz = dh.new_empty(dh.shape[0], 2 * hid)  # gradient of r and z, per step
         dy = dh.new_empty(dh.shape[0], 3 * hid)  # gradient of norm_h's output, per step
-        d_w_h = torch.zeros_like(w_h)
-        grads = []
+        das, grads = [], []
         for t in reversed(range(steps)):
             h_prev, stats, y, rz, n = ctx.saved[t]
             r, z = rz.chunk(2, dim=1)
@@ -239,9 +245,9 @@ class _GRURecurrence(torch.autograd.Function):
             dxs[t, :, :2 * hid] = dy[:, :2 * hid]
             da, *grad = ctx.norm_h.backward(dy, w_n, stats)
             dh = torch.addmm(dh_z, da, w_h)
-            d_w_h.addmm_(da.t(), h_prev)
+            das.append(da)
             grads.append(grad)
-        return dxs, d_w_h, *_summed(grads), None
+        return dxs, _weight_grad(das, ctx.saved), *_summed(grads), None
 
 
 class _NormCell(nn.Module):
