@@ -1,0 +1,79 @@
+"""Errors as one clear line: Hydra, OmegaConf and YAML errors cleaned of internals, user text shown safely."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import yaml
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf.errors import ConfigAttributeError
+
+from normbench.config.schemas import SCHEMA_PREFIX, SCHEMAS, Config, EvalConfig, PerfConfig
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """`text` on one short line: control characters escaped, the middle of a long text cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-17:]}"
+
+
+
+def _parse_problem(text: str, message: str) -> str:
+    """Hydra's override parse error, short: what it did not expect, without the grammar's token names."""
+    lines = [ln for ln in message.splitlines() if ln.strip() and not ln.startswith(("See ", "Error parsing"))]
+    first = lines[0] if lines else message
+    if first.startswith("LexerNoViableAltException"):
+        at = lines[-1].find("^") - len("LexerNoViableAltException: ")
+        bad = text[at] if "\n" not in text and 0 <= at < len(text) else next(
+            (c for c in text if not (c.isascii() and c.isprintable())), None)
+        if bad is None:
+            return "unexpected end"
+        hint = " (a value with such characters needs quotes: key='value')" if text.find("=") < text.find(bad) else ""
+        return f"unexpected character {_shown(repr(bad))}{hint}"
+    if first.startswith("missing EQUAL"):
+        return "expected KEY=VALUE"
+    unexpected = re.match(r"(?:mismatched|extraneous) input '(.*)' expecting", first)
+    if unexpected:
+        token = unexpected.group(1)
+        return "it ends where a value should follow" if token == "<EOF>" else f"unexpected '{_shown(token, 20)}'"
+    incomplete = re.match(r"no viable alternative at input '(.*)'", first)
+    if incomplete:
+        return f"incomplete value '{_shown(incomplete.group(1), 30)}' (a bracket, brace or parenthesis left open?)"
+    return _shown(first, 100)
+
+
+def _schema_fields(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _schema_named(name: str) -> type | None:
+    every = [Config, EvalConfig, PerfConfig] + [s for group in SCHEMAS.values() for s in group.values()]
+    return next((s for s in every if s.__name__ == name), None)
+
+
+def clean_hydra_error(e: Exception) -> str:
+    """One clear line from a Hydra/OmegaConf error, without Hydra internals or our schema names."""
+    cause = e.__cause__ if isinstance(e, HydraException) and e.__cause__ is not None else e
+    if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+        mark = cause.problem_mark
+        return f"YAML syntax error in {mark.name}, line {mark.line + 1}: {cause.problem}"
+    text = str(cause)
+    if isinstance(cause, OverrideParseException):
+        which = re.search(r"Error parsing override '(.*)'", text)
+        return f"cannot parse override '{_shown(which.group(1)) if which else '?'}': {_parse_problem('', text)}"
+    missing = re.search(r"Could not find '([^/']+)/([^']*)'", text)
+    if missing and "Available options" in text:
+        options = text.split("Available options", 1)[1].split("Config search path")[0].splitlines()[1:]
+        valid = ", ".join(o.strip() for o in options if o.strip() and not o.strip().startswith(SCHEMA_PREFIX))
+        group, choice = missing.groups()
+        return f"unknown {group} '{_shown(choice)}'; valid: {valid}" if choice else f"{group}= needs a value; valid: {valid}"
+    full_key = re.search(r"full_key: (\S+)", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__
+    if isinstance(cause, ConfigAttributeError) and full_key:
+        schema = _schema_named(re.search(r"object_type=(\w+)", text).group(1))
+        valid = f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
+        return f"unknown key '{full_key.group(1)}'{valid}"
+    if full_key:
+        return f"{full_key.group(1)}: {first}"
+    return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "hydra.cc/docs" not in ln)
