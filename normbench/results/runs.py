@@ -1,0 +1,228 @@
+"""Run folders: where they are, writing them, and reading them back as untrusted input."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from normbench.config import Config, dict_hash, run_id, to_dict
+from normbench.errors import UserError
+from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, remove_stale_temp_files
+from normbench.results.locks import Busy, run_lock
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                  "test_acc_batch_stats", "test_acc_precise", "seconds", "samples_per_s"]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CHECKPOINT = "checkpoint.pt"
+
+
+def results_root(cfg: Config) -> Path:
+    """The resolved results_dir: it may itself be a symlink (to scratch space, say); nothing below it may."""
+    return Path(cfg.results_dir).expanduser().resolve()
+
+
+def experiment_dir(cfg: Config) -> Path:
+    """<results_dir>/<name>; neither the name nor a symlink can lead out of the results dir."""
+    if not NAME_PATTERN.match(cfg.name):
+        raise UserError(f"name {cfg.name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
+    root = results_root(cfg)
+    return inside(root, root / cfg.name)
+
+
+def run_dir(cfg: Config) -> Path:
+    return inside(results_root(cfg), experiment_dir(cfg) / run_id(cfg))
+
+
+def write_config(folder: Path, cfg: Config) -> None:
+    atomic_write(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_metrics(folder: Path, records: list) -> None:
+    frame = pd.DataFrame([dataclasses.asdict(r) for r in records], columns=METRIC_COLUMNS)
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    atomic_write(folder / "metrics.csv", buffer.getvalue())
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    atomic_write(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+
+
+def read_summary(folder: Path) -> dict | None:
+    """The run's summary, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def read_metrics(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "metrics.csv")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    from normbench import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "normbench": __version__}
+
+
+@functools.cache
+def git_sha() -> str | None:
+    """The commit of the normbench source, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+REQUIRED_SUMMARY_KEYS = ("run_id", "status", "config_hash", "config")
+FINISHED = ("completed", "diverged", "failed")  # statuses of a run that is over; "running" is not
+_NUMBER_OR_NONE = (int, float, type(None))
+
+
+def summary_problem(summary: dict, folder: Path) -> str | None:
+    """Why a summary read from `folder` cannot be trusted as a result, or None when it can."""
+    missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]
+    if missing:
+        return f"summary.json lacks {', '.join(missing)}"
+    if not isinstance(summary["config"], dict) or not summary["config"]:
+        return "summary.json has no config"
+    if summary["run_id"] != folder.name:
+        return f"summary.json belongs to run {summary['run_id']}"
+    try:
+        rehashed = dict_hash(summary["config"])
+    except (AttributeError, TypeError, ValueError):
+        rehashed = None
+    if rehashed != summary["config_hash"] or not str(folder.name).endswith(f"-{rehashed}"):
+        return "its config does not match its config_hash (edited by hand?)"
+    final = summary.get("final")
+    if final is not None and not (isinstance(final, dict) and all(isinstance(v, _NUMBER_OR_NONE)
+                                                                  for v in final.values())):
+        return "summary.json has a malformed 'final'"
+    shifts = summary.get("shifts", {})
+    if not (isinstance(shifts, dict) and all(isinstance(v, dict) and all(isinstance(x, _NUMBER_OR_NONE)
+                                                                         for x in v.values())
+                                             for v in shifts.values())):
+        return "summary.json has malformed 'shifts'"
+    for key in ("epochs", "steps", "wall_seconds", "best_test_acc", "effective_lr"):
+        if not isinstance(summary.get(key), _NUMBER_OR_NONE) or isinstance(summary.get(key), bool):
+            return f"summary.json has a malformed {key!r}"
+    return None
+
+
+def clean_finished(folder: Path, summary: dict) -> None:
+    """Remove what a kill left beside a finished result: temp files, and a checkpoint the run did not keep.
+
+    Only when no process holds the run's lock, so nothing being written is touched.
+    """
+    try:
+        if summary.get("status") not in FINISHED or not (folder / CHECKPOINT).exists() and not any(
+                folder.glob(f".*{TEMP_SUFFIX}")):
+            return
+        with run_lock(folder):
+            remove_stale_temp_files(folder)
+            if not (summary.get("config") or {}).get("keep_checkpoint"):
+                remove_checkpoint(folder)
+    except (Busy, OSError, UserError):
+        pass  # being trained, or not ours to write: leave it
+
+
+def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
+    try:
+        entries = sorted(experiment.iterdir())
+    except OSError as e:
+        warnings.append(f"skipped {experiment}: cannot read it ({e.strerror or e})")
+        return []
+    folders = []
+    for p in entries:
+        try:
+            if p.is_dir() and not p.name.startswith("."):
+                folders.append(p)
+        except OSError:
+            warnings.append(f"skipped {p}: cannot read it")
+    return folders
+
+
+def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
+    """Read every run folder of an experiment: (summaries, metrics per run id, warnings).
+
+    Runs still going or interrupted (status running) are left out. A folder whose files are missing,
+    unreadable or inconsistent is skipped with a warning naming it. Leftovers of a kill beside a finished
+    run (a checkpoint, temp files) are removed on the way.
+    """
+    summaries, curves, warnings = [], {}, []
+    for folder in _run_folders(experiment, warnings):
+        try:
+            if not (folder / "summary.json").exists() and (folder / "config.yaml").exists():
+                continue  # started, never wrote a summary: not a result
+        except OSError:
+            pass
+        summary = read_summary(folder)
+        if summary is None:
+            warnings.append(f"skipped {folder}: no readable summary.json")
+            continue
+        problem = summary_problem(summary, folder)
+        if problem:
+            warnings.append(f"skipped {folder}: {problem}")
+            continue
+        if summary["status"] not in FINISHED:
+            continue
+        try:
+            metrics = read_metrics(folder) if summary["status"] != "failed" else pd.DataFrame(columns=METRIC_COLUMNS)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            warnings.append(f"skipped {folder}: metrics.csv unreadable ({e})")
+            continue
+        if list(metrics.columns) != METRIC_COLUMNS:
+            warnings.append(f"skipped {folder}: metrics.csv has columns {list(metrics.columns)}")
+            continue
+        if len(metrics) and not all(pd.api.types.is_numeric_dtype(metrics[c]) for c in METRIC_COLUMNS):
+            warnings.append(f"skipped {folder}: metrics.csv holds values that are not numbers")
+            continue
+        clean_finished(folder, summary)
+        summaries.append(summary)
+        curves[summary["run_id"]] = metrics
+    return summaries, curves, warnings
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """The training state after an epoch (see train.fit), atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(folder / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    """The last epoch's training state, or None. Loaded with weights_only: a checkpoint cannot run code."""
+    import torch
+
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint means: start the run again
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def remove_checkpoint(folder: Path) -> None:
+    (folder / CHECKPOINT).unlink(missing_ok=True)
