@@ -66,9 +66,14 @@ def measure(cell: str, norm: str, x: torch.Tensor, hidden: int, repeats: int, in
 
 
 def run(device: str = "cpu", batch: int = 64, hidden: int = 128, steps: int = 28, repeats: int = 9,
-        inner: int = 3) -> pd.DataFrame:
+        inner: int = 2, progress=lambda row: None) -> pd.DataFrame:
     x = torch.randn(steps, batch, 28, device=device)  # (T, N, features): a batch of row-by-row MNIST
-    return pd.DataFrame([measure(c, n, x, hidden, repeats, inner) for c in CELLS for n in NORMS])
+    rows = []
+    for cell in CELLS:
+        for norm in NORMS:
+            rows.append(measure(cell, norm, x, hidden, repeats, inner))
+            progress(rows[-1])
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -82,7 +87,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"load before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads)")
-    table = run(args.device, args.batch, repeats=args.repeats)
+    table = run(args.device, args.batch, repeats=args.repeats,
+                progress=lambda r: print(f"{r['cell']} {r['norm']}: {r['slowdown_vs_torch_nn']:.2f}x", flush=True))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
