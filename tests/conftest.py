@@ -232,3 +232,14 @@ def set_affine(module: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + (0.5 if name.endswith("weight") else -0.5))
+
+
+def one_error_line(result, *phrases: str) -> str:
+    """A CLI result that is a user error: exit 2, one line starting 'error:', no traceback, with `phrases`."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_DATA
+from conftest import TINY_DATA, one_error_line
 from normbench import sweep
 from normbench.cli import app
 from normbench.config import RULES, SCHEMAS, Config, compose
@@ -34,15 +34,6 @@ def wide_console(monkeypatch):
 def invoke(*args) -> object:
     return cli.invoke(app, [str(a) for a in args])
 
-
-def one_error_line(result, *phrases: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def files_under(path) -> list:

@@ -14,7 +14,7 @@ from normbench.config import compose
 from normbench.data import decoded
 from normbench.errors import DataError, ResultsError
 
-from conftest import TINY_DATA, tiny_run_overrides, write_idx_dataset
+from conftest import TINY_DATA, tiny_run_overrides, write_idx_dataset, one_error_line
 
 runner = CliRunner()
 
@@ -22,15 +22,6 @@ runner = CliRunner()
 def invoke(*args: str):
     return runner.invoke(app, list(args), env={"COLUMNS": "200"})
 
-
-def one_error_line(result, *phrases: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def completed_run(results_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from normbench.cli import app
 from normbench.config import compose, run_id
 from normbench.errors import UserError
 
-from conftest import tiny_run_overrides
+from conftest import tiny_run_overrides, one_error_line
 
 cli = CliRunner()
 
@@ -30,14 +30,6 @@ cli = CliRunner()
 def invoke(*args: str):
     return cli.invoke(app, list(args), env={"COLUMNS": "200"})
 
-
-def one_error_line(result, *phrases: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def finished(results_dir: Path, *extra: str) -> tuple[list[str], Path]:
