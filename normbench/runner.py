@@ -146,7 +146,7 @@ def _usable_checkpoint(state: dict, cfg: Config, model: nn.Module) -> bool:
     if any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool) for k, t in CHECKPOINT_KEYS.items()
            if t is not float) or not isinstance(state.get("seconds"), (int, float)):
         return False
-    if state["config_hash"] != config_hash(cfg) or not 1 <= state["epoch"] < cfg.epochs:
+    if state["config_hash"] != config_hash(cfg) or not 1 <= state["epoch"] <= cfg.epochs:
         return False
     fields = {f.name for f in dataclasses.fields(EpochRecord)}
     if len(state["records"]) != state["epoch"] or any(not isinstance(r, dict) or set(r) != fields

@@ -108,3 +108,19 @@ def test_a_resumed_run_says_so(tmp_path):
     result = CliRunner().invoke(app, ["run", *overrides])
     assert result.exit_code == 0, result.output
     assert "resuming from its checkpoint at epoch 2/3" in result.output
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_again(tmp_path, monkeypatch):
+    import json
+
+    import normbench.train
+
+    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2", "keep_checkpoint=true"])
+    before = runner.execute(cfg).summary
+    folder = results.run_dir(cfg)
+    (folder / "summary.json").write_text(json.dumps({**before, "status": "running"}))  # killed before this write
+    epochs = []
+    real = normbench.train.train_one_epoch
+    monkeypatch.setattr(normbench.train, "train_one_epoch", lambda *a, **k: epochs.append(1) or real(*a, **k))
+    after = runner.execute(cfg).summary
+    assert epochs == [] and after["status"] == "completed" and after["final"] == before["final"]
