@@ -163,7 +163,7 @@ def sweep(
         if note:
             console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
         if dry_run:
-            planned = sweeps.plan(overrides or [], config_dir)
+            planned = sweeps.plan(overrides or [], config_dir, dry_run=True)
             _print_plan(planned)
             console.print(_counts(planned, retry_failed))
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)

@@ -128,7 +128,7 @@ def _expand(hydra, primary) -> list[list[str]]:
         raise UserError(clean_hydra_error(e)) from e
 
 
-def run_state(cfg: Config) -> tuple[str, dict | None]:
+def run_state(cfg: Config, clean: bool = True) -> tuple[str, dict | None]:
     """The run folder's state: 'new', 'running' (unfinished or interrupted), 'busy' (being trained by
     another process now) or its finished status, with the summary it was read from (None when there is
     none for this config)."""
@@ -138,7 +138,8 @@ def run_state(cfg: Config) -> tuple[str, dict | None]:
         return ("busy" if results.is_locked(folder) else "new"), None
     status = summary.get("status")
     if status in results.FINISHED:
-        results.clean_finished(folder, summary)
+        if clean:  # leftovers of a kill beside a finished result; not on --dry-run, which writes nothing
+            results.clean_finished(folder, summary)
         return status, summary
     return ("busy" if results.is_locked(folder) else "running"), summary
 
@@ -168,7 +169,7 @@ class Planned:
         return " ".join(self.overrides) or "(defaults)"
 
 
-def check_job(overrides: list[str], dict_cfg) -> Planned:
+def check_job(overrides: list[str], dict_cfg, clean: bool = True) -> Planned:
     """Compose, validate and cost one job and look at its run folder. Trains and writes nothing."""
     from normbench.runner import check  # deferred: the runner imports torch models and data
 
@@ -176,14 +177,14 @@ def check_job(overrides: list[str], dict_cfg) -> Planned:
     try:
         cfg = to_config(dict_cfg)
         cost = check(cfg)
-        state, summary = run_state(cfg)
+        state, summary = run_state(cfg, clean)
     except UserError as e:
         return Planned(overrides, None, "invalid", str(e))
     return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
 
 
 def plan(overrides: list[str], config_dir: str | Path | None = None,
-         on_planned: Callable[[Planned], None] | None = None) -> list[Planned]:
+         on_planned: Callable[[Planned], None] | None = None, dry_run: bool = False) -> list[Planned]:
     """Expand a sweep and say, for every job, whether it is new, done, failed or invalid.
 
     Each planned job goes to `on_planned` (if given) as soon as it is planned.
@@ -203,7 +204,7 @@ def plan(overrides: list[str], config_dir: str | Path | None = None,
                     del dict_cfg["hydra"]  # as Hydra does before it calls a task function
             except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
                 raise UserError(clean_hydra_error(e)) from e
-            planned.append(check_job(list(job), dict_cfg))
+            planned.append(check_job(list(job), dict_cfg, clean=not dry_run))
             if on_planned:
                 on_planned(planned[-1])
         return planned

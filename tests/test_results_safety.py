@@ -169,6 +169,11 @@ def test_dry_run_writes_nothing(results_dir):
     result = invoke("sweep", *tiny_run_overrides(results_dir), "norm=bn,ln", "--dry-run")
     assert result.exit_code == 0, result.output
     assert not results_dir.exists()
+    _, folder = finished(results_dir)
+    (folder / results.CHECKPOINT).write_bytes(b"left by a kill")
+    before = tree(results_dir)
+    assert invoke("sweep", *tiny_run_overrides(results_dir), "--dry-run").exit_code == 0
+    assert tree(results_dir) == before  # not even the cleaning of leftovers
 
 
 # ---- 4. two processes, one run --------------------------------------------------------------------------
