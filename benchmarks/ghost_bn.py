@@ -6,7 +6,7 @@ PyTorch's own nn.BatchNorm (what normbench built before ghost BN existed: the co
 switch when off). The variants run in alternation, repeated, and the report gives the median
 time per step and its ratio to plain BN.
 
-    python benchmarks/ghost_bn.py [--repeats 5] [--steps 20] [--threads 1]
+    .venv/bin/python benchmarks/ghost_bn.py [--repeats 5] [--steps 20] [--threads 1] [--models mlp,cnn]
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="1: least disturbed by other processes")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}")
     print("| model | variant | ms/step (median) | ratio to plain BN |\n|---|---|---|---|")
-    for model in ("mlp", "cnn"):
+    for model in args.models.split(","):
         variants = {"plain BN": (build(model), None), "torch nn.BatchNorm": (torch_bn(build(model)), None)}
         variants |= {f"ghost NBS={n}": (build(model), n) for n in (2, 8, 32)}
         times = {name: [] for name in variants}

@@ -159,3 +159,18 @@ def test_run_id_changes_only_when_the_norm_batch_changes_the_result():
 def test_norm_batch_preset_composes():
     cfg = compose(["experiment=norm_batch", "model=cnn", "batch_size=64", "norm_batch_size=2"])
     assert cfg.name == "norm_batch" and cfg.norm.name == "bn"
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("kind", [FLAT, SPATIAL])
+def test_ghost_batch_norm_gradients_are_exact(kind, affine):
+    """The flat path's hand-written backward (and the spatial path) against finite differences."""
+    from normbench.norms import ghost_batch_norm
+
+    g = torch.Generator().manual_seed(3)
+    x = sample(kind)
+    weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine[0] else None
+    bias = torch.randn(C, generator=g, dtype=torch.float64).requires_grad_() if affine[1] else None
+    inputs = (x, weight, bias)
+    assert torch.autograd.gradcheck(lambda *a: ghost_batch_norm(a[0], NBS, a[1], a[2], 1e-5)[0], inputs)

@@ -48,6 +48,51 @@ def sequential_update(buffer: torch.Tensor, values: torch.Tensor, factors: Seque
     buffer.addmv_(values.t().to(buffer.dtype), new.to(buffer.dtype), beta=keep)  # one kernel
 
 
+class _FlatGhostNorm(torch.autograd.Function):
+    """Ghost batch norm of flat features (N, C) with a hand-written backward.
+
+    On small flat layers the cost of ghost BN is kernel launches, not arithmetic: the channel-
+    stacking route below takes two layout copies each way plus the affine repeats. Here the sub-
+    batches are a view, ``(K, NBS, C)``, the forward is eight small kernels and the backward the textbook
+    batch-norm gradient, ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * gamma``,
+    each mean over the sub-batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group: int, eps: float):
+        n, c = x.shape
+        xv = x.view(n // group, group, c)
+        mean = xv.mean(1, keepdim=True)  # (var_mean over a middle dim is a slow kernel on CPU)
+        xhat = xv - mean
+        var = (xhat * xhat).mean(1, keepdim=True)
+        rstd = (var + eps).rsqrt_()
+        xhat.mul_(rstd)
+        if weight is None:
+            out = xhat if bias is None else xhat + bias
+        else:
+            out = xhat * weight if bias is None else torch.addcmul(bias, xhat, weight)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        unbiased = var.mul_(group / (group - 1)) if group > 1 else var
+        return out.view(n, c), mean.view(-1, c), unbiased.view(-1, c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dmean, _dvar):
+        xhat, rstd, weight = ctx.saved_tensors
+        dy = dout.view(xhat.shape)
+        dweight = (dy * xhat).sum((0, 1)) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = dy.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g = dy * weight if weight is not None else dy
+            dx = g - g.mean(1, keepdim=True)
+            dx.addcmul_(xhat, (g * xhat).mean(1, keepdim=True), value=-1.0).mul_(rstd)
+            dx = dx.view(dout.shape)
+        return dx, dweight, dbias, None, None
+
+
 def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch norm of each run of `group` consecutive samples of `x` (N, C, ...) with its own statistics.
@@ -56,6 +101,8 @@ def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, b
     """
     n, c = x.shape[:2]
     k = n // group
+    if x.dim() == 2:
+        return _FlatGhostNorm.apply(x, weight, bias, group, eps)
     # (K, NBS, C, S) -> (NBS, K*C, S): each sub-batch's channels are channels of their own.
     # Flat features stay 2-D, where the batch-norm kernel is fastest.
     spatial = (-1,) if x.dim() > 2 else ()
