@@ -1,7 +1,7 @@
 """The training loop: `train_one_epoch`, the three evaluations, and `fit`, which returns records.
 
 Batch norm is evaluated three ways, to separate training with noisy statistics
-from evaluating with poor running averages (PROTOCOL.md section 2.5):
+from evaluating with poor running averages (docs/protocol.md §3):
 
 * ``test_acc``: eval mode, with the running averages (the standard);
 * ``test_acc_batch_stats``: train-mode BN at the normalization batch size (``norm_batch_size``,

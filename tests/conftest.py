@@ -33,7 +33,7 @@ SMALL_MODEL = {
 }
 SMALL_GROUPS = 4  # divides every small width above, and leaves > 1 value per group in flat/recurrent layers
 
-# Model/norm pairs that are refused by design (PROTOCOL.md section 1: instance norm needs H x W; FRN and
+# Model/norm pairs that are refused by design (docs/protocol.md §1.7: instance norm needs H x W; FRN and
 # EvoNorm-S0 too; batch renorm and weight standardization are not built inside recurrent cells).
 REFUSED = {("mlp", "in"), ("rnn", "in"), ("mlp", "frn"), ("rnn", "frn"), ("mlp", "evonorm_s0"),
            ("rnn", "evonorm_s0"), ("rnn", "brn"), ("rnn", "ws_gn")}

@@ -1,4 +1,4 @@
-"""Batch renorm, weight standardization, FRN/EvoNorm in the models, and norm.noise (PROTOCOL.md sections 5, 6).
+"""Batch renorm, weight standardization, FRN/EvoNorm in the models, and norm.noise (docs/protocol.md §1.4, §5.1).
 
 Each norm's statistics axes are checked against hand-written formulas in test_norms.py; here are the
 parts that have state or touch the model around the norm.

@@ -1,4 +1,4 @@
-"""Numerical checks of every norm against hand-written references (PROTOCOL.md section 1)."""
+"""Numerical checks of every norm against hand-written references (docs/protocol.md §1)."""
 
 from __future__ import annotations
 

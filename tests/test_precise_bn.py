@@ -1,4 +1,4 @@
-"""PreciseBN: population statistics recomputed over training samples (PROTOCOL.md section 2.5b).
+"""PreciseBN: population statistics recomputed over training samples (docs/protocol.md §3.2).
 
 The recomputed buffers are checked against an independent computation: every BN layer's input,
 captured over all chunks, concatenated, and its mean and (unbiased) variance taken at once.
