@@ -16,7 +16,7 @@ brightness:0 and noise:0 leave the images unchanged.
 After the last epoch each shift gives ``test_acc`` (eval mode) and, for models with BN running
 averages, ``test_acc_adapted``: test-time BN adaptation (Schneider et al. 2020, arXiv 2006.16971).
 BN's statistics are recomputed over the whole shifted test set (inputs only, no labels) with
-PreciseBN's machinery (`train.recomputed_statistics`), the shifted test set is evaluated, and the
+PreciseBN's machinery (`evaluation.recomputed_statistics`), the shifted test set is evaluated, and the
 running averages are restored.
 """
 
@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from normbench.evaluation import evaluate, has_running_stats, recomputed_statistics
 from normbench.config import Config, parse_shift, shift_name
 from normbench.data import Data
 
@@ -61,8 +62,6 @@ def shifted(x: torch.Tensor, text: str, seed: int) -> torch.Tensor:
 def evaluate_shifts(model: nn.Module, data: Data, cfg: Config) -> dict[str, dict[str, float | None]]:
     """{canonical shift name: {test_acc, test_acc_adapted}} for every shift in `cfg.eval.shifts`
     (percent; test_acc_adapted is None without BN running averages). Nothing runs when there is none."""
-    from normbench.train import evaluate, has_running_stats, recomputed_statistics  # train imports this module
-
     out = {}
     for text in cfg.eval.shifts:
         x = shifted(data.test_x, text, cfg.seed)

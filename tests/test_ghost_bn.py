@@ -15,7 +15,8 @@ from normbench.data import load_data
 from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.norms import FLAT, RECURRENT, SPATIAL, NormOptions, RecurrentBatchNorm, create_norm, norm_batches
-from normbench.train import evaluate_batch_stats, fit
+from normbench.evaluation import evaluate_batch_stats
+from normbench.train import fit
 
 N, NBS, C, H, W, T = 12, 3, 5, 3, 4, 4
 CPU = torch.device("cpu")

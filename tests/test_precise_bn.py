@@ -21,7 +21,8 @@ from normbench.config import compose
 from normbench.data import load_data
 from normbench.models import build_model
 from normbench.norms import RecurrentBatchNorm
-from normbench.train import fit, is_batch_norm, precise_bn_inputs, recomputed_statistics
+from normbench.evaluation import is_batch_norm, precise_bn_inputs, recomputed_statistics
+from normbench.train import fit
 
 CPU = torch.device("cpu")
 TIMING = {"seconds", "samples_per_s"}
@@ -185,7 +186,7 @@ def test_evaluate_precise_recomputes_over_the_augmented_samples(results_dir, mon
         used.append(x)
         return real(model, x, batch_size)
 
-    monkeypatch.setattr("normbench.train.recomputed_statistics", spy)
+    monkeypatch.setattr("normbench.evaluation.recomputed_statistics", spy)
     fit(cfg, net, data)
     assert len(used) == 1 and torch.equal(used[0], precise_bn_inputs(data, cfg))
 

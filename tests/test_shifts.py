@@ -14,7 +14,8 @@ from normbench.config import SHIFT_SEVERITY, compose, parse_shift, shift_name
 from normbench.data import load_data
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.train import evaluate, fit, recomputed_statistics
+from normbench.evaluation import evaluate, recomputed_statistics
+from normbench.train import fit
 
 CPU = torch.device("cpu")
 
@@ -130,7 +131,7 @@ def test_no_adaptation_without_running_averages(results_dir, norm, extra):
 
 def test_no_shifts_evaluates_nothing(results_dir, monkeypatch):
     cfg, data, net = setup(results_dir)
-    monkeypatch.setattr("normbench.train.evaluate", lambda *a, **k: pytest.fail("evaluated with no shift"))
+    monkeypatch.setattr("normbench.shifts.evaluate", lambda *a, **k: pytest.fail("evaluated with no shift"))
     assert shifts.evaluate_shifts(net, data, cfg) == {}
 
 

@@ -18,8 +18,8 @@ from normbench.data import load_data
 from normbench.models import build_model
 from normbench.norms import NORMS
 from normbench.results import METRIC_COLUMNS, read_metrics, read_summary
-from normbench.train import (EpochRecord, batch_statistics, decay_groups, evaluate, evaluate_batch_stats, fit,
-                             lr_factor, make_optimizer, recomputed_statistics)
+from normbench.evaluation import batch_statistics, evaluate, evaluate_batch_stats, recomputed_statistics
+from normbench.train import EpochRecord, decay_groups, fit, lr_factor, make_optimizer
 
 CPU = torch.device("cpu")
 TIMING = ["seconds", "samples_per_s"]
