@@ -232,6 +232,7 @@ class Config:
     results_dir: str = "results"
     checkpoint: bool = True  # save the training state after every epoch, to resume a killed run
     keep_checkpoint: bool = False  # keep it once the run has finished
+    tensorboard: bool = False  # per-epoch metrics as TensorBoard events in <run>/tensorboard/ (extra: tensorboard)
     eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
 
