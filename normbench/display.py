@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, Te
 from rich.table import Table
 
 from normbench.config import run_id
+from normbench.config.ids import norm_label
 from normbench.results import FINISHED
 from normbench.train import EpochRecord, Progress
 
@@ -74,7 +75,7 @@ def summary_table(summary: dict) -> Table:
     """The final metrics of one run."""
     final = summary.get("final") or {}
     cfg = summary["config"]
-    title = (f"{cfg['model']['name']} / {cfg['norm']['name']} / {cfg['data']['name']}, "
+    title = (f"{cfg['model']['name']} / {norm_label(cfg['norm'])} / {cfg['data']['name']}, "
              f"batch {cfg['batch_size']}, seed {cfg['seed']}: {summary['status']}")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")

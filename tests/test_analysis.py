@@ -259,7 +259,7 @@ def test_verdict_one_seed_gives_no_interval():
 # ---- labels ----------------------------------------------------------------------------------------------
 
 
-def test_labels_name_the_varied_norm_key():
+def test_labels_name_the_packaged_variant():
     summaries = []
     for batch, accs in ((4, (70.0, 71.0)), (64, (90.0, 91.0))):
         for seed, acc in enumerate(accs):
@@ -267,34 +267,36 @@ def test_labels_name_the_varied_norm_key():
             summaries.append(fake_run("bn", batch, seed, acc - 5, preset="bn_shared"))
             summaries.append(fake_run("ln", batch, seed, acc + 10))
     runs, summary, degr, verdict = tables(summaries)
-    labels = {"bn[recurrent_stats=per_step]", "bn[recurrent_stats=shared]", "ln"}
+    labels = {"bn", "bn_shared", "ln"}
     assert set(runs.norm) == labels
     assert (runs.groupby("norm").size() == 4).all()
-    shared = runs[runs.norm == "bn[recurrent_stats=shared]"]
+    shared = runs[runs.norm == "bn_shared"]
     assert set(shared["config.norm.recurrent_stats"]) == {"shared"}
     # the labels are the conditions: three of them per batch size
     assert set(summary.norm) == labels and len(summary) == 6
-    assert one(summary, norm="bn[recurrent_stats=shared]", batch_size=4).test_acc_mean == pytest.approx(65.5)
+    assert one(summary, norm="bn_shared", batch_size=4).test_acc_mean == pytest.approx(65.5)
     # per-step BN is the reference the others are compared with
-    assert analysis.bn_label(summary.norm) == "bn[recurrent_stats=per_step]"
+    assert analysis.bn_label(summary.norm) == "bn"
     delta = analysis.delta_vs_bn(runs, summary)
     assert set(delta.norm) == {"ln"}
     assert one(delta, batch_size=4).delta == pytest.approx(10.0)
     assert set(degr.norm) == labels
-    assert verdict["synthetic / mlp"][0].startswith("bn[recurrent_stats=per_step] degrades as the batch shrinks")
+    assert verdict["synthetic / mlp"][0].startswith("bn degrades as the batch shrinks")
 
 
-def test_labels_stay_plain_without_variation():
+def test_labels_do_not_depend_on_the_other_runs():
+    """A norm's label is that of its run id: the same settings get the same label in any table."""
     runs = analysis.runs_table([fake_run("bn", 4, 0), fake_run("bn", 8, 0, momentum=0.1), fake_run("ln", 4, 0)])
     assert sorted(set(runs.norm)) == ["bn", "ln"]
     runs = analysis.runs_table([fake_run("bn", 4, 0, momentum=0.1), fake_run("bn", 4, 0, momentum=0.01)])
-    assert sorted(runs.norm) == ["bn[momentum=0.01]", "bn[momentum=0.1]"]
+    assert sorted(runs.norm) == ["bn", "bn(momentum=0.01)"]
+    alone = analysis.runs_table([fake_run("gn", 4, 0, num_groups=4)])
+    assert list(alone.norm) == ["gn(num_groups=4)"]
 
 
 def test_bn_label_choice():
     assert analysis.bn_label(["ln", "bn", "gn"]) == "bn"
-    assert analysis.bn_label(["bn[recurrent_stats=shared]", "bn[recurrent_stats=per_step]"]) == \
-        "bn[recurrent_stats=per_step]"
+    assert analysis.bn_label(["bn_shared", "bn(momentum=0.01)"]) == "bn(momentum=0.01)"
     assert analysis.bn_label(["ln", "gn"]) is None
 
 

@@ -1,7 +1,8 @@
 """Run summaries to tables: one row per run, one row per condition, and the pivots built on them.
 
-* `runs_table`: one row per run, every config key flattened (``norm.num_groups``),
-  labels for data/model/norm that include the keys that vary within the experiment.
+* `runs_table`: one row per run, every config key flattened (``norm.num_groups``); the norm's label
+  is `normbench.config.ids.norm_label` (as in run ids: 'gn', 'gn8', 'gn(num_groups=4)'), the data and
+  model labels include the keys that vary within the table ('cnn(channels=(16,32))').
 * `summary_table`: one row per condition (data x model x norm x batch size x any other varied
   setting but the seed): the seeds planned, completed, diverged, failed and missing, and the
   mean, std, 95% t-interval, min and max of the completed seeds.
@@ -18,6 +19,7 @@ import pandas as pd
 
 from normbench.analysis.stats import diff_ci, mean_ci
 from normbench.config import NOT_HASHED
+from normbench.config.ids import norm_label
 
 METRICS = ["test_acc", "test_acc_batch_stats", "test_acc_precise", "train_loss", "test_loss", "train_acc"]
 LABELLED = ("data", "model", "norm")
@@ -59,8 +61,10 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
     if frame.empty:
         return frame
     config_cols = [c for c in frame.columns if c.startswith("config.")]
-    for group in LABELLED:
+    for group in ("data", "model"):
         frame[group] = _labels(frame, group, [c for c in config_cols if c.startswith(f"config.{group}.")])
+    frame["norm"] = [norm_label(s["config"]["norm"]) if isinstance(s["config"].get("norm"), dict)
+                     else str(s["config"].get("norm")) for s in summaries]
     shifted = [c for c in frame.columns if c.startswith(SHIFT_METRICS)]
     for m in METRICS + ["best_test_acc", "effective_lr", "wall_seconds", "samples_per_s"] + shifted:
         frame[m] = pd.to_numeric(frame[m], errors="coerce")
@@ -79,7 +83,7 @@ def _shift_columns(shifts: dict) -> dict:
 
 
 def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
-    """'bn', or 'bn[recurrent_stats=shared]' where runs with the same name differ in other keys."""
+    """'cnn', or 'cnn(channels=(16,32))' where runs with the same name differ in other keys."""
     name_col = f"config.{group}.name"
     labels = frame[name_col].astype(str).copy()
     for name, rows in frame.groupby(name_col):
@@ -87,7 +91,7 @@ def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
         for i, row in rows.iterrows():
             extras = ",".join(f"{k.split('.', 2)[2]}={_value(row[k])}" for k in keys)
             if extras:
-                labels[i] = f"{name}[{extras}]"
+                labels[i] = f"{name}({extras})"
     return labels
 
 
@@ -193,11 +197,12 @@ def runs_of(runs: pd.DataFrame, where: dict) -> pd.DataFrame:
 
 
 def bn_label(norms) -> str | None:
-    """The batch-norm condition others are compared with: 'bn', else BN with per-step statistics."""
+    """The batch-norm condition others are compared with: 'bn', else a BN whose statistics are not shared over
+    time steps ('bn_shared' is the ablation, not the reference)."""
     labels = sorted({str(n) for n in norms if str(n).startswith("bn")})
     if "bn" in labels:
         return "bn"
-    return next((n for n in labels if "per_step" in n), labels[0] if labels else None)
+    return next((n for n in labels if "shared" not in n), labels[0] if labels else None)
 
 
 def delta_vs_bn(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:

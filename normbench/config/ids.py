@@ -1,13 +1,17 @@
-"""Run identity: the config as a plain dict, its hash (what is and is not hashed), the run id, and the
-effective learning rate the run trains with."""
+"""Run identity: the config as a plain dict, its hash (what is and is not hashed), the norm's label, the run
+id, and the effective learning rate the run trains with."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict
+from importlib import resources
 
-from normbench.config.schemas import Config
+import yaml
+
+from normbench.config.schemas import SCHEMA_PREFIX, SCHEMAS, Config
 
 
 def effective_lr(cfg: Config) -> float:
@@ -60,6 +64,80 @@ def dict_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _plain(value):
+    """JSON-safe, enums as their values (as `to_dict` writes them)."""
+    return json.loads(json.dumps(value, default=lambda v: v.value))
+
+
+@functools.cache
+def packaged_norms() -> dict[str, dict]:
+    """Every packaged norm option (normbench/conf/norm/NAME.yaml) -> its settings, as `to_dict` writes them.
+
+    Each file's defaults list names a schema (its defaults) or another option (gn8 starts from gn),
+    with `_self_` last: the file's own values come after them.
+    """
+    folder = resources.files("normbench.conf") / "norm"
+    files = {e.name[:-5]: yaml.safe_load(e.read_text()) for e in folder.iterdir() if e.name.endswith(".yaml")}
+    schemas = {SCHEMA_PREFIX + s.__name__.lower(): s for s in SCHEMAS["norm"].values()}
+
+    def settings(option: str) -> dict:
+        text = dict(files[option])
+        values: dict = {}
+        for base in text.pop("defaults", []):
+            if base in schemas:
+                values.update(_plain(asdict(schemas[base]())))
+            elif base != "_self_":
+                values.update(settings(base))
+        return {**values, **_plain(text)}
+
+    return {option: settings(option) for option in sorted(files)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _yaml_value(v) -> str:
+    """A value as it is written in an override: 4, 0.001, 1e-06, true, null, shared."""
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def norm_label(norm: dict) -> str:
+    """The one name of a norm's settings, used in run ids, tables, figures, the report and the terminal.
+
+    * The norm's own name ('gn') when its settings are those of the packaged option of that name
+      (normbench/conf/norm/gn.yaml): today's run ids of such runs are kept.
+    * The packaged option's name when the settings are exactly those of another packaged option:
+      'gn8' (gn with 8 groups), 'bn_shared'.
+    * Otherwise the name with each setting that differs from its packaged option, as an override
+      would set it, keys sorted: 'gn(num_groups=4)', 'bn(momentum=0.01,track_running_stats=false)'.
+      Parentheses, not brackets: Rich reads '[num_groups=4]' as a style tag and prints 'gn'.
+
+    A run records its settings, not the file they came from, so an option from a user's --config-dir
+    (gn4.yaml: gn with num_groups 4) is named by its settings, 'gn(num_groups=4)', exactly as
+    ``norm=gn norm.num_groups=4`` is: the same settings always get the same label. A setting the run
+    does not record (a summary written before the setting existed) counts as its default.
+    """
+    norm = _plain(norm)
+    name = str(norm.get("name"))
+    options = packaged_norms()
+    for option in sorted(options, key=lambda o: o != name):  # the plain name first
+        if options[option] == {**options[option], **norm} and options[option].get("name") == name:
+            return option
+    reference = _flat(options.get(name, {"name": name}))
+    differs = {k: v for k, v in _flat(norm).items() if k not in reference or reference[k] != v}
+    extras = ",".join(f"{k}={_yaml_value(v)}" for k, v in sorted(differs.items()))
+    return f"{name}({extras})" if extras else name
+
+
 def run_id(cfg: Config) -> str:
-    """Readable, stable run folder name: the main axes plus the config hash."""
-    return f"{cfg.model.name}-{cfg.norm.name}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(cfg)}"
+    """Readable, stable run folder name: the model, the norm's label (`norm_label`), batch size, seed and the
+    config hash."""
+    return f"{cfg.model.name}-{norm_label(to_dict(cfg)['norm'])}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(cfg)}"
