@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normbench import results
+from normbench import results, tracking
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
 from normbench.data import Data, decoded, load_data
 from normbench.errors import UserError
@@ -44,8 +44,8 @@ def norm_factory(cfg: Config) -> NormFactory:
 class _SaveEachEpoch(Progress):
     """Passes progress on and rewrites metrics.csv after every epoch, so a long run shows its curve."""
 
-    def __init__(self, inner: Progress, folder: Path, resume: dict | None = None):
-        self.inner, self.folder = inner, folder
+    def __init__(self, inner: Progress, folder: Path, resume: dict | None = None, tracker=None):
+        self.inner, self.folder, self.tracker = inner, folder, tracker
         self.records = [EpochRecord(**r) for r in resume["records"]] if resume else []
 
     def run_start(self, name: str, epochs: int, batch_size: int) -> None:
@@ -60,6 +60,8 @@ class _SaveEachEpoch(Progress):
     def epoch_end(self, record: EpochRecord) -> None:
         self.records.append(record)
         results.write_metrics(self.folder, self.records)
+        if self.tracker is not None:
+            self.tracker.epoch(record)
         self.inner.epoch_end(record)
 
 
@@ -112,6 +114,8 @@ def check(cfg: Config) -> float:
 
     Returns the run's estimated training cost (relative units: steps x (module calls x their overhead
     + batch x multiply-accumulates)), by which parallel sweeps start the longest runs first."""
+    if cfg.tensorboard:
+        tracking.require()
     raw = decoded(cfg.data)
     n_train = len(raw.train_y) if cfg.data.train_size is None else min(cfg.data.train_size, len(raw.train_y))
     _check_batch_fits(cfg, n_train)
@@ -125,6 +129,8 @@ def check(cfg: Config) -> float:
 def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     """Load the data and build the model: every check that can refuse a config, before anything is written."""
     experiment = results.experiment_dir(cfg)
+    if cfg.tensorboard:
+        tracking.require()
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     _check_batch_fits(cfg, len(data.train_y))
@@ -267,8 +273,9 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
         if cfg.checkpoint:
             results.save_checkpoint(folder, {**state, "config_hash": config_hash(cfg)})
 
+    tracker = tracking.TensorBoardLog(folder, resume["epoch"] + 1 if resume else 1) if cfg.tensorboard else None
     try:
-        fitted = fit(cfg, model, data, _SaveEachEpoch(progress, folder, resume), resume=resume,
+        fitted = fit(cfg, model, data, _SaveEachEpoch(progress, folder, resume, tracker), resume=resume,
                      on_epoch_end=checkpoint)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -276,6 +283,9 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
                                                 params=params, device=device, started=started,
                                                 error=error, tb=traceback.format_exc(limit=8)))
         raise
+    finally:
+        if tracker is not None:
+            tracker.close()
     results.write_metrics(folder, fitted.records)
     summary = summarize(cfg, fitted, fitted.status, seconds=time.perf_counter() - t0, params=params,
                         device=device, started=started)

@@ -26,7 +26,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 # Settings that say where things go or how they are shown, not what is computed.
-NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_checkpoint", "perf.channels_last")
+NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_checkpoint", "perf.channels_last",
+              "tensorboard")
 
 
 # Settings added after results existed, hashed only when they differ from their default (which is the
