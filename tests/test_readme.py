@@ -38,7 +38,8 @@ def test_every_option_named_exists():
         options |= {o for p in command.params for o in getattr(p, "opts", [])}
     named = {m for span in SPANS for m in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", span)}
     named -= {"--config-dir"} - options  # (checked: it is an option of run, sweep, list and config)
-    pip_and_python = {"--full", "--device", "--csv", "--data-root", "--repeats", "--index-url", "--extra-index-url"}
+    pip_and_python = {"--full", "--device", "--csv", "--data-root", "--repeats", "--index-url", "--extra-index-url",
+                      "--logdir"}  # (and tensorboard)
     assert named - pip_and_python <= options, (named - pip_and_python) - options
 
 
