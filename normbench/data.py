@@ -20,7 +20,9 @@ class-balanced batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,12 +113,40 @@ def _torchvision(cls, root: Path, folder: Path, expected: dict[str, str | None])
         except Exception as e:  # noqa: BLE001 - torchvision raises many kinds on a damaged file
             raise DataError(f"{cls.__name__} files under {folder} cannot be read ({_first_line(e)}): "
                             "they are corrupt or truncated. Replace them.") from e
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # to remove again if it fails
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    said = io.StringIO()  # torchvision prints each mirror's failure: kept for the reason, not shown
     try:
-        return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
+        with contextlib.redirect_stdout(said):
+            return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
     except Exception as e:  # noqa: BLE001 - offline: RuntimeError, URLError or OSError
+        _remove_new(folder, before, created)
         raise DataError(f"{cls.__name__} files not found under {folder}, and the download failed "
-                        f"({_first_line(e)}). Put the official files there, or point data.root "
-                        "(or NORMBENCH_DATA_DIR) at a folder that holds them.") from e
+                        f"({_download_reason(e, said.getvalue())}). Put the official files there, or point "
+                        "data.root (or NORMBENCH_DATA_DIR) at a folder that holds them.") from e
+
+
+def _remove_new(folder: Path, before: set[Path], created: list[Path]) -> None:
+    """After a failed download: the partial files it left in `folder`, and the folders it created if empty."""
+    if folder.is_dir():
+        for path in set(folder.iterdir()) - before:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+    for path in created:  # deepest first
+        with contextlib.suppress(OSError):  # not empty (someone else's files): left alone
+            path.rmdir()
+
+
+def _download_reason(e: Exception, printed: str) -> str:
+    """Why a download failed, in one line: the exception's first line, and where that only says
+    "Error downloading FILE:", the last mirror's error (in the rest of the message, or printed)."""
+    reason = _first_line(e)
+    if reason.rstrip().endswith(":") or reason == type(e).__name__:
+        failures = [line.strip() for line in (str(e) + "\n" + printed).splitlines()[1:] if line.strip()
+                    and not line.startswith(("Downloading", "Failed to download", "Tried ", "Error downloading"))]
+        if failures:
+            reason = f"{reason.rstrip(': ')}: {failures[-1]}"
+    return reason
 
 
 def _first_line(e: Exception) -> str:

@@ -270,3 +270,25 @@ def test_augment_pad_zero_is_identity_or_mirror():
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
     assert all(m or torch.equal(o, i) for m, o, i in zip(mirrored, out, x))
     assert 0 < sum(mirrored) < len(x)
+
+
+def test_a_failed_mnist_download_says_why_in_one_line_and_leaves_no_empty_folders(tmp_path, monkeypatch, capsys):
+    """torchvision tries every mirror and raises a bare "Error downloading FILE:"; the reason is the last
+    mirror's error. Its progress prints stay hidden, and the folders it made are removed again."""
+    import urllib.error
+
+    import torchvision.datasets.mnist
+
+    def unreachable(url, download_root, **kwargs):
+        Path(download_root, "partial.gz").write_bytes(b"\x1f\x8b")  # what an interrupted transfer leaves
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", unreachable)
+    root = tmp_path / "cache" / "data"
+    with pytest.raises(DataError) as err:
+        load_data(cfg_for("mnist", root), CPU)
+    msg = str(err.value)
+    assert "\n" not in msg and "Temporary failure in name resolution" in msg, msg
+    assert "Error downloading train-images-idx3-ubyte.gz: " in msg
+    assert not (tmp_path / "cache").exists()  # no empty MNIST/raw (nor data/) left behind
+    assert capsys.readouterr().out == ""
