@@ -1,8 +1,12 @@
 """The experiment report: tables, figures and verdict rebuilt from the run folders alone.
 
 `build` reads an experiment folder and computes everything; `write` puts the CSV
-tables, figures and ``report.md`` next to the runs. The disk is the source of truth:
-``normbench report results/<experiment>`` gives the same report as the sweep did.
+tables, figures and ``report.md`` next to the runs. The disk is the source of truth.
+
+A sweep's report covers the runs that sweep planned (`after_sweep`), whatever else the folder
+holds; ``normbench report results/<experiment>`` covers every run in the folder, and says so when
+they differ in a setting that no sweep recorded there varies (a lone ``normbench run`` with other
+epochs, say): that setting then separates them in the tables.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from normbench import analysis, plots, results
+from normbench.config import run_id
 from normbench.errors import UserError
 
 
@@ -35,31 +40,73 @@ class Report:
     verdict: dict[str, list[str]]
     curves: dict[str, pd.DataFrame]
     summaries: list[dict] = field(default_factory=list)  # the run folders' summary.json, as read
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # for the terminal: folders skipped, runs that do not mix
     sweeps: list[dict] = field(default_factory=list)
+    scope: str = ""  # which runs the report covers, in a sentence
+    skipped: list[str] = field(default_factory=list)  # the folders left out, and why
 
 
-def build(experiment: Path) -> Report:
+def build(experiment: Path, sweep: dict | None = None) -> Report:
+    """The report of every run in `experiment`, or of the runs `sweep` (its sweeps.json entry) planned."""
     if not experiment.is_dir():
         raise UserError(f"no experiment folder at {experiment}")
-    summaries, curves, warnings = results.scan(experiment)
+    summaries, curves, skipped = results.scan(experiment)
+    in_folder = len(summaries)
+    if sweep is not None:
+        planned = set(sweep.get("runs", []))
+        summaries = [s for s in summaries if s["run_id"] in planned]
+        curves = {rid: c for rid, c in curves.items() if rid in planned}
     if not summaries:
-        raise UserError(f"no finished runs under {experiment}" + (f" ({len(warnings)} skipped)" if warnings else ""))
+        raise UserError(f"no finished runs under {experiment}" + (f" ({len(skipped)} skipped)" if skipped else ""))
     runs = analysis.runs_table(summaries)
     summary = analysis.summary_table(runs)
     degr = analysis.degradation(runs, summary)
+    sweeps = [sweep] if sweep is not None else results.read_sweeps(experiment)
+    if sweep is not None:
+        others = in_folder - len(summaries)
+        scope = (f"This report covers {_runs(len(summaries))} of the sweep `{sweep['command']}`"
+                 + (f"; the folder holds {others} other finished {'run' if others == 1 else 'runs'} "
+                    f"(`normbench report {experiment}` reports them all)." if others else "."))
+        mixed = []
+    else:
+        scope = f"This report covers {_runs(len(summaries), 'all ')} in {experiment}."
+        mixed = _unswept_differences(runs, sweeps)
     return Report(experiment, runs, summary, analysis.pivot(summary), analysis.delta_vs_bn(runs, summary), degr,
-                  analysis.verdict(runs, summary, degr), curves, summaries, warnings, results.read_sweeps(experiment))
+                  analysis.verdict(runs, summary, degr), curves, summaries, skipped + mixed, sweeps,
+                  " ".join([scope, *mixed]), skipped)
+
+
+def _runs(n: int, all_: str = "") -> str:
+    return "the one finished run" if n == 1 else f"{all_ or 'the '}{n} finished runs"
+
+
+def _unswept_differences(runs: pd.DataFrame, sweeps: list[dict]) -> list[str]:
+    """A sentence when the runs differ in settings (beyond data, model, norm and batch size) that no sweep
+    recorded in the folder varies: they were made by different commands, and the tables keep them apart."""
+    extra = [c for c in analysis.condition_columns(runs) if c.startswith("config.")]
+    swept = set()
+    for sweep in sweeps:
+        mine = runs[runs.run_id.isin(set(sweep.get("runs") or []))]
+        swept.update(c for c in extra if mine[c].astype(str).nunique() > 1)
+    unswept = [c for c in extra if c not in swept]
+    if not unswept:
+        return []
+    values = "; ".join(f"{c.split('.', 1)[1]} {' or '.join(sorted(map(str, runs[c].unique())))}" for c in unswept)
+    return [f"The runs in this folder differ in settings that no sweep recorded here varies ({values}): "
+            "they come from different runs or sweeps, and the tables keep them apart by those settings."]
 
 
 def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
-    """Record the sweep in each experiment it touched, then rebuild and write that experiment's report."""
+    """Record the sweep in each experiment it touched, then write the report of the runs it planned there."""
     written = []
     for experiment in outcome.experiment_dirs:
-        results.record_sweep(experiment, {
-            "command": command.strip(), "seconds": round(outcome.seconds, 1), "planned": len(outcome.planned),
-            "trained": outcome.trained, "already_done": outcome.already_done, "failed": len(outcome.failures)})
-        rep = build(experiment)
+        planned = sorted(run_id(p.cfg) for p in outcome.planned
+                         if p.cfg is not None and results.experiment_dir(p.cfg) == experiment)
+        entry = {"command": command.strip(), "seconds": round(outcome.seconds, 1), "planned": len(outcome.planned),
+                 "trained": outcome.trained, "already_done": outcome.already_done, "failed": len(outcome.failures),
+                 "runs": planned}
+        results.record_sweep(experiment, entry)
+        rep = build(experiment, sweep=entry)
         written.append((rep, write(rep)))
     return written
 
@@ -93,9 +140,14 @@ def _write(report: Report) -> Path:
     return path
 
 
+def _heading(column) -> str:
+    """'epochs' for the flattened config key 'config.epochs'."""
+    return str(column).removeprefix("config.")
+
+
 def _md_table(frame: pd.DataFrame) -> str:
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    header = "| " + " | ".join(map(_heading, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
@@ -159,7 +211,7 @@ def markdown(report: Report, figures: list[str]) -> str:
              "over seeds; differences are in percentage points. A cell marked (2/3 diverged), (1/3 failed) "
              "or (1/3 missing) is the mean of the seeds that completed; the others are counted, never "
              "dropped silently. No interval is given for one seed, or for seeds that all agree (no spread).",
-             "", "## Verdict", ""]
+             "", r.scope, "", "## Verdict", ""]
     for panel, sentences in r.verdict.items():
         lines += [f"**{panel}**", ""] + [f"- {s}" for s in sentences] + [""]
     if not r.verdict:
@@ -182,8 +234,11 @@ def markdown(report: Report, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _values(runs: pd.DataFrame, column: str) -> str:
+    return ", ".join(sorted({str(v) for v in runs[column]}))
+
+
 def _provenance(r: Report) -> list[str]:
-    first = r.runs.iloc[0]
     summaries = r.summaries
     devices = sorted({s.get("device", "?") for s in summaries})
     versions = summaries[0].get("versions", {})
@@ -192,11 +247,12 @@ def _provenance(r: Report) -> list[str]:
              f"- runs: {len(r.runs)}; total training time {r.runs.wall_seconds.sum():.0f} s on {', '.join(devices)}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
              f"- git sha: {', '.join(shas)}",
-             f"- epochs per run: {first.epochs}; lr scaling: {first['config.lr_scaling']} "
-             f"(base lr {first['config.lr']} at batch {first['config.base_batch_size']})"]
+             f"- epochs per run: {_values(r.runs, 'config.epochs')}; "
+             f"lr scaling: {_values(r.runs, 'config.lr_scaling')} "
+             f"(base lr {_values(r.runs, 'config.lr')} at batch {_values(r.runs, 'config.base_batch_size')})"]
     lines += [f"- {_sweep_line(sweep)}" for sweep in r.sweeps]
-    if r.warnings:
-        lines += ["", "Skipped folders:"] + [f"- {w}" for w in r.warnings]
+    if r.skipped:
+        lines += ["", "Skipped folders:"] + [f"- {w}" for w in r.skipped]
     return lines
 
 
@@ -218,7 +274,7 @@ def rich_pivot(report: Report) -> Table:
     pv = report.pivot.reset_index()
     table = Table(title=f"{report.experiment.name}: test accuracy (%), mean ± 95% interval", header_style="bold")
     for col in pv.columns:
-        table.add_column(str(col), justify="right" if isinstance(col, (int, float)) else "left")
+        table.add_column(_heading(col), justify="right" if isinstance(col, (int, float)) else "left")
     for row in pv.itertuples(index=False):
         table.add_row(*(Text(str(v), style="yellow" if LOST_MARK.search(str(v)) else "") for v in row))
     return table

@@ -346,3 +346,50 @@ def test_a_condition_without_completed_seeds_is_marked_not_dropped(experiment):
     assert rep.verdict["synthetic / mlp"][0] == f"{norm}: 2 of 2 seeds diverged at batch {batch}."
     fig = plots.accuracy_vs_batch(rep.summary, "tiny")
     assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["2/2 diverged"]
+
+
+# ---- what a report covers ----------------------------------------------------------------------------------
+
+
+def test_a_sweep_reports_the_runs_it_planned_and_the_folder_report_says_what_it_mixes(experiment, monkeypatch):
+    from normbench.runner import execute
+    from normbench.config import compose
+
+    root = experiment.parent
+    lone = [o for o in SWEEP if not o.startswith(("norm=", "batch_size=", "seed=", "epochs="))]
+    execute(compose([*lone, "norm=ln", "batch_size=16", "epochs=2", f"results_dir={root}"]))  # a lone run, 2 epochs
+    outcome = sweep.run([*SWEEP, f"results_dir={root}"])  # the sweep again: its 8 runs are done
+    assert outcome.trained == 0 and outcome.already_done == 8
+    [(rep, path)] = report.after_sweep(outcome, "normbench sweep " + " ".join(SWEEP))
+
+    assert len(rep.runs) == 8 and rep.runs.epochs.eq(1).all()
+    assert list(rep.pivot.index.names) == ["data", "model", "norm"]  # no epochs column
+    text = path.read_text()
+    assert "This report covers the 8 finished runs of the sweep `normbench sweep " in text
+    assert "the folder holds 1 other finished run (`normbench report" in text and "differ in settings" not in text
+    assert len(pd.read_csv(experiment / "runs.csv")) == 8
+    assert json.loads((experiment / "sweeps.json").read_text())[-1]["runs"] == sorted(rep.runs.run_id)
+
+    result = CliRunner().invoke(app, ["report", str(experiment)])
+    assert result.exit_code == 0, result.output
+    warning = ("The runs in this folder differ in settings that no sweep recorded here varies (epochs 1 or 2): "
+               "they come from different runs or sweeps, and the tables keep them apart by those settings.")
+    assert f"warning: {warning}" in result.output
+    text = (experiment / "report.md").read_text()
+    assert f"This report covers all 9 finished runs in {experiment}. {warning}" in text
+    assert "| data | model | epochs | norm | 4 | 16 |" in text
+    assert "- epochs per run: 1, 2;" in text and "Skipped folders" not in text
+    assert len(pd.read_csv(experiment / "runs.csv")) == 9
+
+
+def test_a_folder_whose_runs_differ_only_in_what_its_sweeps_vary_has_no_warning(experiment):
+    from normbench.runner import execute
+    from normbench.config import compose
+
+    root = experiment.parent
+    lone = [o for o in SWEEP if not o.startswith(("norm=", "batch_size=", "seed=", "epochs="))]
+    execute(compose([*lone, "norm=ln", "batch_size=16", "epochs=2", f"results_dir={root}"]))
+    planned = sorted(p.name for p in experiment.iterdir() if p.is_dir() and not p.name.startswith("."))
+    results.record_sweep(experiment, {"command": "normbench sweep epochs=1,2", "runs": planned})
+    rep = report.build(experiment)
+    assert rep.warnings == [] and rep.scope == f"This report covers all 9 finished runs in {experiment}."
