@@ -56,16 +56,26 @@ class _GroupStats:
         ahat = ahat.view_as(a)
         return torch.addcmul(bias, ahat, weight), (rows, mean, rstd, ahat)
 
-    def backward(self, dy: torch.Tensor, weight: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, ...]:
-        """The gradients wrt a, weight and bias."""
+    def backward(self, dy: torch.Tensor, weight: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, tuple]:
+        """The gradient wrt a, and this step's part of the affine's gradients (for `param_grads`).
+
+        `dy` must not be overwritten later in the backward pass: GN keeps it for `param_grads`."""
         if self.groups == 1:
             a, mean, rstd, bias = saved
-            return _aten.native_layer_norm_backward(dy, a, a.shape[1:], mean, rstd, weight, bias,
-                                                    [True, True, True])
+            da, dw, db = _aten.native_layer_norm_backward(dy, a, a.shape[1:], mean, rstd, weight, bias,
+                                                          [True, True, True])
+            return da, (dw, db)
         rows, mean, rstd, ahat = saved
         da = _aten.native_layer_norm_backward((dy * weight).view_as(rows), rows, rows.shape[1:], mean, rstd, None,
                                               None, [True, False, False])[0]
-        return da.view_as(dy), (dy * ahat).sum(0), dy.sum(0)
+        return da.view_as(dy), (dy, ahat)  # the affine's gradients: over all steps at once, in param_grads
+
+    def param_grads(self, parts: list[tuple]) -> list[torch.Tensor]:
+        """(d weight, d bias) summed over the steps, from each step's part."""
+        if self.groups == 1:
+            return _summed(parts)
+        dy, ahat = (torch.stack(p) for p in zip(*parts))  # (T, N, C): two reductions, not two per step
+        return [(dy * ahat).sum((0, 1)), dy.sum((0, 1))]
 
 
 class _BatchStats:
@@ -105,10 +115,14 @@ class _BatchStats:
                                                             self.factors[t], self.eps)
         return y, (a, mean, var, save_mean, save_invstd)
 
-    def backward(self, dy: torch.Tensor, weight: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, ...]:
+    def backward(self, dy: torch.Tensor, weight: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, tuple]:
         a, mean, var, save_mean, save_invstd = saved
-        return _aten.native_batch_norm_backward(dy, a, weight, mean, var, save_mean, save_invstd, self.batch,
-                                                self.eps, [True, True, True])
+        da, dw, db = _aten.native_batch_norm_backward(dy, a, weight, mean, var, save_mean, save_invstd, self.batch,
+                                                      self.eps, [True, True, True])
+        return da, (dw, db)
+
+    def param_grads(self, parts: list[tuple]) -> list[torch.Tensor]:
+        return _summed(parts)
 
 
 def _twin(norm: nn.Module, steps: int) -> tuple[_GroupStats | _BatchStats, torch.Tensor, torch.Tensor]:
@@ -188,20 +202,21 @@ class _LSTMRecurrence(torch.autograd.Function):
         for t in reversed(range(steps)):
             _, c_prev, stats_h, s, g, stats_c, tanh_c = ctx.saved[t]
             i, f, o, _ = s.chunk(4, dim=1)
-            dc_t, *grad_c = norm_c.backward(_aten.tanh_backward(dh * o, tanh_c), w_nc, stats_c)
+            dc_t, grad_c = norm_c.backward(_aten.tanh_backward(dh * o, tanh_c), w_nc, stats_c)
             dc = dc + dc_t
             torch.mul(dc, g, out=ds[:, :hid])
             torch.mul(dc, c_prev, out=ds[:, hid:2 * hid])
             torch.mul(dh, tanh_c, out=ds[:, 2 * hid:])
             _aten.sigmoid_backward.grad_input(ds, s[:, :3 * hid], grad_input=dxs[t, :, :3 * hid])
             _aten.tanh_backward.grad_input(dc * i, g, grad_input=dxs[t, :, 3 * hid:])
-            da, *grad_h = norm_h.backward(dxs[t], w_nh, stats_h)
+            da, grad_h = norm_h.backward(dxs[t], w_nh, stats_h)
             dh = da @ w_h
             dc = dc * f
             das.append(da)
             grads_h.append(grad_h)
             grads_c.append(grad_c)
-        return dxs, _weight_grad(das, ctx.saved), *_summed(grads_h), *_summed(grads_c), None, None
+        return (dxs, _weight_grad(das, ctx.saved), *norm_h.param_grads(grads_h), *norm_c.param_grads(grads_c),
+                None, None)
 
 
 class _GRURecurrence(torch.autograd.Function):
@@ -231,11 +246,12 @@ class _GRURecurrence(torch.autograd.Function):
         steps, hid = len(ctx.saved), w_h.shape[1]
         dxs = dh.new_empty(steps, dh.shape[0], 3 * hid)  # gradient of the gates' input part, per step
         drz = dh.new_empty(dh.shape[0], 2 * hid)  # gradient of r and z, per step
-        dy = dh.new_empty(dh.shape[0], 3 * hid)  # gradient of norm_h's output, per step
+        dys = dh.new_empty(steps, dh.shape[0], 3 * hid)  # gradient of norm_h's output, per step (GN keeps them)
         das, grads = [], []
         for t in reversed(range(steps)):
             h_prev, stats, y, rz, n = ctx.saved[t]
             r, z = rz.chunk(2, dim=1)
+            dy = dys[t]
             dh_z = dh * z
             dv = _aten.tanh_backward.grad_input(dh - dh_z, n, grad_input=dxs[t, :, 2 * hid:])
             torch.mul(dv, y[:, 2 * hid:], out=drz[:, :hid])
@@ -243,11 +259,11 @@ class _GRURecurrence(torch.autograd.Function):
             _aten.sigmoid_backward.grad_input(drz, rz, grad_input=dy[:, :2 * hid])
             torch.mul(dv, r, out=dy[:, 2 * hid:])
             dxs[t, :, :2 * hid] = dy[:, :2 * hid]
-            da, *grad = ctx.norm_h.backward(dy, w_n, stats)
+            da, grad = ctx.norm_h.backward(dy, w_n, stats)
             dh = torch.addmm(dh_z, da, w_h)
             das.append(da)
             grads.append(grad)
-        return dxs, _weight_grad(das, ctx.saved), *_summed(grads), None
+        return dxs, _weight_grad(das, ctx.saved), *ctx.norm_h.param_grads(grads), None
 
 
 class _NormCell(nn.Module):
