@@ -42,7 +42,7 @@ _ids = itertools.count()
 
 def fake_run(norm: str = "bn", batch_size: int = 32, seed: int = 0, acc: float | None = 90.0, *,
              status: str = "completed", precise: float | None = None, batch_stats: float | None = None,
-             preset: str | None = None, **norm_keys) -> dict:
+             preset: str | None = None, steps: int = 100, **norm_keys) -> dict:
     """A dict shaped like summary.json, with a real composed config."""
     import json
 
@@ -57,7 +57,7 @@ def fake_run(norm: str = "bn", batch_size: int = 32, seed: int = 0, acc: float |
         "run_id": f"mlp-{config['norm']['name']}-b{batch_size}-s{seed}-{next(_ids):012d}", "status": status,
         "config_hash": "0" * 12, "error": None if status != "failed" else "RuntimeError: x",
         "config": config, "final": final, "effective_lr": 0.1 * batch_size / 32, "epochs_completed": 1,
-        "steps": 100, "wall_seconds": 2.0, "best_test_acc": acc,
+        "steps": steps, "wall_seconds": 2.0, "best_test_acc": acc,
         "diverged_step": 7 if status == "diverged" else None,
     }
 
@@ -198,7 +198,7 @@ def test_verdict_bn_degrades_ln_flat():
     half = T4 * math.sqrt(0.25 / 3 + 0.25 / 3)
     assert lines[0] == (f"bn degrades as the batch shrinks: 20.0 ± {half:.1f} points lower at batch 2 "
                         "than at 128.")
-    assert lines[1] == f"ln within +0.0 ± {half:.1f} points from batch 128 down to 2: no degradation detected."
+    assert lines[1] == f"ln changes by +0.0 ± {half:.1f} points from batch 128 to 2: no detectable change."
     assert lines[2] == f"At batch 2, ln beats bn by 18.0 ± {half:.1f} points."
     assert len(lines) == 3  # no recovery sentence without test_acc_precise
     assert not any("recomput" in line for line in lines)
@@ -227,12 +227,11 @@ def test_verdict_bn_flat_within_noise():
     lines = verdict["synthetic / mlp"]
     bn = one(degr, norm="bn")
     assert abs(bn["drop"]) < bn.drop_ci95
-    assert lines[0] == (f"bn within +0.5 ± {bn.drop_ci95:.1f} points from batch 128 down to 2: "
-                        "no degradation detected.")
-    assert "no degradation detected" in lines[1] and lines[1].startswith("ln within")
+    assert lines[0] == f"bn changes by -0.5 ± {bn.drop_ci95:.1f} points from batch 128 to 2: no detectable change."
+    assert lines[1].startswith("ln changes by ") and lines[1].endswith(" from batch 128 to 2: no detectable change.")
     d, h = diff_ci(data[("ln", 2)], data[("bn", 2)])
     assert abs(d) <= h
-    assert lines[2] == f"At batch 2, ln vs bn: {d:+.1f} ± {h:.1f} points: no detectable difference."
+    assert lines[2] == f"At batch 2, ln differs from bn by {d:+.1f} ± {h:.1f} points: no detectable difference."
     assert not any("degrades" in line or "beats" in line for line in lines)
 
 
@@ -250,10 +249,37 @@ def test_verdict_one_seed_gives_no_interval():
     summaries = [fake_run("bn", 128, 0, 90.0), fake_run("bn", 2, 0, 70.0),
                  fake_run("ln", 128, 0, 88.0), fake_run("ln", 2, 0, 87.0)]
     lines = tables(summaries)[3]["synthetic / mlp"]
-    assert lines[0] == "bn: +20.0 points between batch 2 and 128; one seed: no interval, so no test."
-    assert lines[1] == "ln: +1.0 points between batch 2 and 128; one seed: no interval, so no test."
-    assert lines[2] == "At batch 2, ln vs bn: +17.0 points (one seed: no interval, so no test)."
-    assert not any("degrades" in line or "beats" in line for line in lines)
+    assert lines == ["bn changes by -20.0 points from batch 128 to 2; one seed: no interval, so no test.",
+                     "ln changes by -1.0 points from batch 128 to 2; one seed: no interval, so no test.",
+                     "At batch 2, ln differs from bn by +17.0 points; one seed: no interval, so no test."]
+    assert not any("detectable" in line or "degrades" in line or "beats" in line for line in lines)
+
+
+def test_verdict_never_says_within():
+    data = {("bn", 32): [70.0, 90.0, 80.0], ("bn", 2): [75.0, 95.0, 85.0]}
+    summaries = [fake_run(n, b, s, a) for (n, b), accs in data.items() for s, a in enumerate(accs)]
+    [line] = tables(summaries)[3]["synthetic / mlp"]
+    assert line.startswith("bn changes by +5.0 ± ")
+    assert line.endswith(" points from batch 32 to 2: no detectable change.")
+    assert "within" not in line
+
+
+def test_verdict_names_the_steps_when_the_batch_sizes_took_different_numbers():
+    """Same epochs: batch 2 takes 16x the steps of batch 32, and the sentence says so."""
+    data = {("bn", 32): [90.0, 90.5, 89.5], ("bn", 2): [70.0, 70.5, 69.5],
+            ("ln", 32): [80.0, 80.5, 79.5], ("ln", 2): [88.0, 88.5, 87.5],
+            ("gn", 32): [80.0, 90.0, 85.0], ("gn", 2): [81.0, 91.0, 86.0]}
+    summaries = [fake_run(n, b, s, a, steps=1600 // b) for (n, b), accs in data.items() for s, a in enumerate(accs)]
+    lines = tables(summaries)[3]["synthetic / mlp"]
+    half = T4 * math.sqrt(0.25 / 3 + 0.25 / 3)
+    assert lines[0] == f"bn is 20.0 ± {half:.1f} points lower at batch 2 than at 32, at 16× the steps."
+    assert lines[1].startswith("gn changes by +1.0 ± ") and lines[1].endswith(
+        " points from batch 32 to 2 at 16× the steps: no detectable change.")
+    assert lines[2] == f"ln is 8.0 ± {half:.1f} points higher at batch 2 than at 32, at 16× the steps."
+    assert not any("degrades" in line or "does better" in line for line in lines)
+    one_seed = [fake_run("bn", b, 0, 80.0 + b, steps=1600 // b) for b in (2, 32)]
+    assert tables(one_seed)[3]["synthetic / mlp"] == [
+        "bn changes by -30.0 points from batch 32 to 2 at 16× the steps; one seed: no interval, so no test."]
 
 
 # ---- labels ----------------------------------------------------------------------------------------------
@@ -318,10 +344,10 @@ def test_two_of_three_diverged_seeds_are_in_the_cell_and_the_verdict():
     assert analysis.pivot(summary).loc[("synthetic", "mlp", "bn"), 2] == "95.0 (2/3 diverged)"
     lines = verdict["synthetic / mlp"]
     assert lines[0] == "bn: 2 of 3 seeds diverged at batch 2."
-    assert lines[1] == ("bn: -5.0 points between batch 2 and 128 (completed seeds only: 1 of 3 at batch 2); "
+    assert lines[1] == ("bn changes by +5.0 points from batch 128 to 2 (completed seeds only: 1 of 3 at batch 2); "
                         "one seed: no interval, so no test.")
-    assert lines[3] == ("At batch 2, ln vs bn (completed seeds only: 1 of 3 for bn): -7.0 points "
-                        "(one seed: no interval, so no test).")
+    assert lines[3] == ("At batch 2, ln differs from bn by -7.0 points (completed seeds only: 1 of 3 for bn); "
+                        "one seed: no interval, so no test.")
     assert not any("beats" in line for line in lines)  # the survivor alone ranks nothing
 
 
@@ -368,7 +394,7 @@ def test_zero_variance_pairs_give_no_plus_minus_zero():
     summaries = [fake_run(n, b, s, a) for (n, b), accs in data.items() for s, a in enumerate(accs)]
     runs, summary, degr, verdict = tables(summaries)
     lines = verdict["synthetic / mlp"]
-    assert "At batch 2, ln vs bn: +18.0 points (no spread between seeds, so no interval)." in lines
+    assert "At batch 2, ln differs from bn by +18.0 points; no spread between seeds, so no interval." in lines
     assert not any("± 0.0" in line or "beats" in line for line in lines)
     assert analysis.pivot(summary).loc[("synthetic", "mlp", "ln"), 2] == "88.0 (no spread)"
     delta = analysis.delta_vs_bn(runs, summary)

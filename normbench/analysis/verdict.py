@@ -5,6 +5,11 @@ failed or are missing, condition by condition (divergence at a small batch is it
 then how accuracy moves from the largest batch to the smallest; then each norm against BN at the
 smallest batch, and BN evaluated with recomputed and with per-batch statistics. A sentence whose
 statistics rest on fewer seeds than planned says so; a difference without an interval says why.
+
+A difference whose interval contains zero is "no detectable change", never a bound ("within ...").
+With the same epochs a smaller batch takes more SGD steps (batch 2 vs 32: 16x); when the two batch
+sizes compared took different numbers of steps, the sentence says so ("at 16× the steps") and does
+not attribute the difference to the batch size alone.
 """
 
 from __future__ import annotations
@@ -51,24 +56,47 @@ def _completed_only(rows: pd.DataFrame, parts: list[tuple[str, int, str]]) -> st
     return f" (completed seeds only: {', '.join(short)})" if short else ""
 
 
+def _signed(x: float) -> str:
+    """'+1.5', '-0.3', and '+0.0' for anything that rounds to zero (never '-0.0')."""
+    return f"{round(x, 1) + 0.0:+.1f}"
+
+
 def _interval_words(d: float, h: float, why: str | None) -> str:
-    return f"{d:+.1f} ± {h:.1f} points" if np.isfinite(h) else f"{d:+.1f} points ({why})"
+    return f"{_signed(d)} ± {h:.1f} points" if np.isfinite(h) else f"{_signed(d)} points ({why})"
 
 
-def _trend(runs: pd.DataFrame, where: dict, norm: str, row: pd.Series, caveat: str) -> str:
+def _times(ratio: float) -> str:
+    """16.0 -> '16×', 1.5 -> '1.5×', 0.25 -> '1/4'."""
+    return f"{ratio:.3g}×" if ratio >= 1 else f"1/{1 / ratio:.3g}"
+
+
+def _steps_ratio(rows: pd.DataFrame, norm: str, small: int, large: int) -> float | None:
+    """Steps taken at the small batch over steps at the large one (completed seeds); None when equal or unknown."""
+    def steps(batch: int) -> float:
+        row = rows[(rows.norm == norm) & (rows.batch_size == batch)]
+        return float(row.steps.iloc[0]) if len(row) else float("nan")
+
+    ratio = steps(small) / steps(large)
+    return ratio if np.isfinite(ratio) and ratio > 0 and abs(ratio - 1) > 0.01 else None
+
+
+def _trend(runs: pd.DataFrame, where: dict, norm: str, row: pd.Series, caveat: str, steps: float | None) -> str:
+    """How accuracy moves from the largest batch to the smallest (`row` of the degradation table)."""
     d, h, small, large = row["drop"], row["drop_ci95"], int(row["small_batch"]), int(row["large_batch"])
+    at_steps = f" at {_times(steps)} the steps" if steps else ""
     if not np.isfinite(h):
         why = no_interval(runs_of(runs, {**where, "norm": norm, "batch_size": large}).test_acc,
                           runs_of(runs, {**where, "norm": norm, "batch_size": small}).test_acc)
-        return f"{norm}: {d:+.1f} points between batch {small} and {large}{caveat}; {why}."
-    if d - h > 0:
-        return (f"{norm} degrades as the batch shrinks: {d:.1f} ± {h:.1f} points lower at batch {small} "
-                f"than at {large}{caveat}.")
-    if d + h < 0:
-        return (f"{norm} does better at the small batch: {-d:.1f} ± {h:.1f} points higher at batch {small} "
-                f"than at {large}{caveat}.")
-    return (f"{norm} within {d:+.1f} ± {h:.1f} points from batch {large} down to {small}{caveat}: "
-            "no degradation detected.")
+        return f"{norm} changes by {_signed(-d)} points from batch {large} to {small}{at_steps}{caveat}; {why}."
+    if abs(d) <= h:
+        return (f"{norm} changes by {_signed(-d)} ± {h:.1f} points from batch {large} to {small}{at_steps}{caveat}: "
+                "no detectable change.")
+    lower = d > 0
+    amount = f"{abs(d):.1f} ± {h:.1f} points {'lower' if lower else 'higher'} at batch {small} than at {large}"
+    if steps:  # batch size and step count changed together: no attribution to the batch size
+        return f"{norm} is {amount},{at_steps}{caveat}."
+    headline = "degrades as the batch shrinks" if lower else "does better at the small batch"
+    return f"{norm} {headline}: {amount}{caveat}."
 
 
 def _versus_bn(runs: pd.DataFrame, rows: pd.DataFrame, where: dict, norm: str, bn: str, small: int) -> str | None:
@@ -79,9 +107,10 @@ def _versus_bn(runs: pd.DataFrame, rows: pd.DataFrame, where: dict, norm: str, b
         return None
     caveat = _completed_only(rows, [(norm, small, f"for {norm}"), (bn, small, f"for {bn}")])
     if not np.isfinite(h):
-        return f"At batch {small}, {norm} vs {bn}{caveat}: {_interval_words(d, h, no_interval(a, b))}."
+        return f"At batch {small}, {norm} differs from {bn} by {_signed(d)} points{caveat}; {no_interval(a, b)}."
     if abs(d) <= h:
-        return f"At batch {small}, {norm} vs {bn}{caveat}: {d:+.1f} ± {h:.1f} points: no detectable difference."
+        return (f"At batch {small}, {norm} differs from {bn} by {_signed(d)} ± {h:.1f} points{caveat}: "
+                "no detectable difference.")
     better, worse = (norm, bn) if d > 0 else (bn, norm)
     return f"At batch {small}, {better} beats {worse} by {abs(d):.1f} ± {h:.1f} points{caveat}."
 
@@ -102,9 +131,9 @@ def verdict(runs: pd.DataFrame, summary: pd.DataFrame, degr: pd.DataFrame) -> di
             trend = g[g.norm == norm] if not g.empty else g
             if len(trend):
                 row = trend.iloc[0]
-                caveat = _completed_only(rows, [(norm, int(row[b]), f"at batch {int(row[b])}")
-                                                for b in ("small_batch", "large_batch")])
-                lines.append(_trend(runs, where, norm, row, caveat))
+                small, large = int(row.small_batch), int(row.large_batch)
+                caveat = _completed_only(rows, [(norm, b, f"at batch {b}") for b in (small, large)])
+                lines.append(_trend(runs, where, norm, row, caveat, _steps_ratio(rows, norm, small, large)))
         if bn is not None and not g.empty:
             small = int(g.small_batch.min())
             for norm in sorted(n for n in set(g.norm) if not n.startswith("bn")):
