@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normbench import results, tracking
+from normbench import probes, results, tracking
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
 from normbench.data import Data, decoded, load_data
 from normbench.errors import UserError
@@ -89,6 +89,8 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
         "steps": done[-1].step if done else 0, "effective_lr": effective_lr(cfg),
         "final": final, "best_test_acc": max((r.test_acc for r in done), default=None),
         **({"shifts": fitted.shifts} if fitted and fitted.shifts else {}),  # only with eval.shifts set
+        **({"probe_seconds": {k: round(v, 3) for k, v in fitted.probe_seconds.items()}}
+           if fitted and fitted.probe_seconds else {}),  # only with probes on: their time, apart from training's
         "wall_seconds": round(seconds, 3), "num_parameters": params, "device": str(device),
         "threads": torch.get_num_threads(),
         **(_peak_memory_mb(device)), "versions": results.versions(), "git_sha": results.git_sha(),
@@ -116,6 +118,7 @@ def check(cfg: Config) -> float:
     + batch x multiply-accumulates)), by which parallel sweeps start the longest runs first."""
     if cfg.tensorboard:
         tracking.require()
+    probes.validate_probes(cfg)
     raw = decoded(cfg.data)
     n_train = len(raw.train_y) if cfg.data.train_size is None else min(cfg.data.train_size, len(raw.train_y))
     _check_batch_fits(cfg, n_train)
@@ -129,6 +132,7 @@ def check(cfg: Config) -> float:
 def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     """Load the data and build the model: every check that can refuse a config, before anything is written."""
     experiment = results.experiment_dir(cfg)
+    probes.validate_probes(cfg)
     if cfg.tensorboard:
         tracking.require()
     torch.manual_seed(cfg.seed)
@@ -287,6 +291,7 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
         if tracker is not None:
             tracker.close()
     results.write_metrics(folder, fitted.records)
+    probes.write(folder, fitted.probe_rows)
     summary = summarize(cfg, fitted, fitted.status, seconds=time.perf_counter() - t0, params=params,
                         device=device, started=started)
     results.write_summary(folder, summary)

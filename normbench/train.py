@@ -25,6 +25,8 @@ from normbench.config import Config, effective_lr
 from normbench.data import Data, batches_per_epoch, epoch_order, get_batch
 from normbench.evaluation import evaluate, evaluate_batch_stats, evaluate_precise, has_running_stats, is_batch_norm
 from normbench.norms import is_norm, norm_batches
+from normbench.probes import Probes
+from normbench.probes import build as build_probes
 from normbench.shifts import evaluate_shifts
 
 REFRESH_SECONDS = 0.5  # how often the loop reads the loss back: progress display and divergence check
@@ -52,6 +54,8 @@ class FitResult:
     diverged_step: int | None = None
     steps_per_epoch: int = 0
     shifts: dict = field(default_factory=dict)  # eval.shifts: {shift: {test_acc, test_acc_adapted}}
+    probe_rows: dict = field(default_factory=dict)  # probes.*: {probe: [row, ...]}; empty with every probe off
+    probe_seconds: dict = field(default_factory=dict)  # {probe: seconds it took}, not counted in samples_per_s
 
 
 class Progress:
@@ -177,11 +181,13 @@ def _gc_paused():
 
 def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.optim.Optimizer,
                     schedule: LrSchedule, step: int, generators: tuple[torch.Generator, torch.Generator],
-                    progress: Progress, step_model: nn.Module | None = None) -> EpochResult:
+                    progress: Progress, step_model: nn.Module | None = None,
+                    probes: Probes | None = None) -> EpochResult:
     """One pass over the training set, starting at global step `step`.
 
     Per step this adds one kernel to a bare loop (the argmax for train accuracy) and no
     read-back; losses are read a few times a second, which also stops a diverged epoch early.
+    `probes` (None when every probe is off) look at a step before it runs and leave it unchanged.
     """
     model.train()
     step_model = step_model or model
@@ -193,6 +199,8 @@ def train_one_epoch(model: nn.Module, data: Data, cfg: Config, optimizer: torch.
         for start in range(0, len(order), cfg.batch_size):
             x, y = get_batch(data, order[start: start + cfg.batch_size], generators[1])
             schedule.apply(step + len(losses))
+            if probes is not None:
+                probes.at_step(step + len(losses), model, x, y, optimizer, precision)
             with precision():
                 logits = step_model(x)
                 loss = F.cross_entropy(logits, y)
@@ -240,15 +248,18 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
             g.set_state(state)
         result.records = [EpochRecord(**r) for r in resume["records"]]
         first_epoch, step, elapsed = resume["epoch"] + 1, resume["step"], resume["seconds"]
+    probes = build_probes(cfg, model, data)
+    if probes is not None and resume is not None:
+        probes.load(resume.get("probes"))
     bn = has_running_stats(model)
     batch_norm_anywhere = any(is_batch_norm(m) for m in model.modules())
     step_model = compiled(cfg, model)
     start = time.perf_counter() - elapsed
     for epoch in range(first_epoch, cfg.epochs + 1):
         progress.epoch_start(epoch, steps_per_epoch)
-        t0 = time.perf_counter()
-        ep = train_one_epoch(model, data, cfg, optimizer, schedule, step, generators, progress, step_model)
-        train_seconds = time.perf_counter() - t0
+        t0, probed = time.perf_counter(), probes.total_seconds if probes else 0.0
+        ep = train_one_epoch(model, data, cfg, optimizer, schedule, step, generators, progress, step_model, probes)
+        train_seconds = time.perf_counter() - t0 - ((probes.total_seconds - probed) if probes else 0.0)
         finite = torch.isfinite(ep.losses)
         if not finite.all():
             result.status = "diverged"
@@ -273,8 +284,11 @@ def fit(cfg: Config, model: nn.Module, data: Data, progress: Progress | None = N
         if on_epoch_end is not None:
             on_epoch_end({"epoch": epoch, "step": step, "seconds": record.seconds,
                           "records": [asdict(r) for r in result.records], "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators]})
+                          "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators],
+                          **({"probes": probes.state()} if probes else {})})
         progress.epoch_end(record)
     if result.status == "completed":
         result.shifts = evaluate_shifts(model, data, cfg)
+    if probes is not None:
+        result.probe_rows, result.probe_seconds = probes.rows, probes.seconds
     return result

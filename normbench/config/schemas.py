@@ -213,6 +213,45 @@ class PerfConfig:
     channels_last: bool = True  # conv nets on CUDA: NHWC memory layout (same numbers, faster kernels)
 
 
+# ---- probes -----------------------------------------------------------------------------------------
+# Measurements taken during training that never change the run (normbench/probes/). `every`: steps between
+# two measurements, counted from step 0 (the initial weights); 0 or null: off.
+
+
+@dataclass
+class BatchStatsProbeConfig:
+    """Batch-statistics noise at every norm layer's input (normbench/probes/batch_stats.py)."""
+
+    every: Optional[int] = 0
+    sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64, 128])  # batch sizes B to measure
+    samples: int = 1024  # training samples the population statistics are taken over
+    quantiles: list[float] = field(default_factory=lambda: [0.5, 0.9])  # of the relative errors
+
+
+@dataclass
+class LandscapeProbeConfig:
+    """Loss and gradient along the gradient direction (normbench/probes/landscape.py)."""
+
+    every: Optional[int] = 0
+    lr_multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # step sizes, x the step's lr
+
+
+@dataclass
+class EveryConfig:
+    """A probe whose only setting is how often it runs."""
+
+    every: Optional[int] = 0
+
+
+@dataclass
+class ProbesConfig:
+    batch_stats: BatchStatsProbeConfig = field(default_factory=BatchStatsProbeConfig)
+    landscape: LandscapeProbeConfig = field(default_factory=LandscapeProbeConfig)
+    ics: EveryConfig = field(default_factory=EveryConfig)  # internal covariate shift (probes/ics.py)
+    residual: EveryConfig = field(default_factory=EveryConfig)  # residual branch scale, resnet20 (probes/residual.py)
+    scales: EveryConfig = field(default_factory=EveryConfig)  # gradient and activation scale (probes/scales.py)
+
+
 @dataclass
 class Config:
     data: Any = MISSING
@@ -235,6 +274,7 @@ class Config:
     tensorboard: bool = False  # per-epoch metrics as TensorBoard events in <run>/tensorboard/ (extra: tensorboard)
     eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)  # measurements that never change the run
 
 
 SCHEMAS = {
