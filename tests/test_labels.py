@@ -98,7 +98,7 @@ def test_a_user_option_and_the_packaged_one_are_told_apart_everywhere(tmp_path, 
     assert sorted(line.split("│")[3].strip() for line in rows) == sorted(labels)
 
     figure = plots.accuracy_vs_batch(rep.summary, "variants")
-    legend = {t.get_text() for ax in figure.axes for t in ax.get_legend().get_texts()}
+    legend = {t.get_text() for legend in figure.legends for t in legend.get_texts()}
     assert legend == labels
     curves = plots.training_curves(rep.runs, rep.curves, "variants")
     assert {ax.get_title().rsplit(" / ", 1)[1] for ax in curves.axes if ax.get_visible()} == labels
