@@ -196,9 +196,9 @@ at batch 4. The paper gives curves, no table.""",
     "rnn": """**Recurrent Batch Normalization (Cooijmans et al. 2016), Table 1**, pixel-by-pixel MNIST test accuracy:
 LSTM 98.9, BN-LSTM 99.0; permuted MNIST: LSTM 90.2, BN-LSTM 95.4. Statistics shared across time
 degrade the result badly. (normbench reads a row per step, 28 steps, not a pixel per step.)""",
-    "cnn": """**What to expect at small scale** (PROTOCOL.md): on MNIST with a small conv net BN often still does
-well at batch 4-8, because its conv statistics use many H×W values; the MLP with BatchNorm1d shows
-the effect most sharply.""",
+    "cnn": """**What to expect at small scale** (docs/protocol.md §6.6 in the normbench repository): on MNIST
+with a small conv net BN often still does well at batch 4-8, because its conv statistics use many H×W
+values; the MLP with BatchNorm1d shows the effect most sharply.""",
 }
 
 
