@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import normbench.runner
 from normbench import results, sweep
+from normbench.sweep import hydra_glue, workers
 from normbench.cli import app
 from normbench.config import compose, run_id
 from normbench.errors import UserError
@@ -40,7 +41,7 @@ def wide_console(monkeypatch):
 
 @pytest.fixture
 def trained(monkeypatch) -> list[str]:
-    """Run ids of every training started (sweep._Train imports runner.execute at call time); a run whose
+    """Run ids of every training started (sweep.train_job imports runner.execute at call time); a run whose
     folder already held a finished result is not trained, so not counted."""
     calls: list[str] = []
     real = normbench.runner.execute
@@ -77,7 +78,7 @@ def test_hydra_internals_have_the_expected_signatures():
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
 
-    assert sweep.Hydra is Hydra and sweep.create_config_search_path is create_config_search_path
+    assert hydra_glue.Hydra is Hydra and hydra_glue.create_config_search_path is create_config_search_path
     create = inspect.signature(Hydra.create_main_hydra2)  # classmethod: cls is bound
     assert list(create.parameters) == ["task_name", "config_search_path"]
     multirun = inspect.signature(Hydra.multirun)
@@ -87,7 +88,7 @@ def test_hydra_internals_have_the_expected_signatures():
     assert list(compose_config.parameters)[:4] == ["self", "config_name", "overrides", "run_mode"]
     from hydra.types import RunMode
 
-    assert sweep.RunMode is RunMode and RunMode.MULTIRUN
+    assert hydra_glue.RunMode is RunMode and RunMode.MULTIRUN
     search = inspect.signature(create_config_search_path)
     assert list(search.parameters) == ["search_path_dir"]
     # what hydra_multirun reads back from the jobs
@@ -99,6 +100,15 @@ def test_hydra_internals_have_the_expected_signatures():
 
     assert list(inspect.signature(BasicSweeper.split_arguments).parameters) == ["overrides", "max_batch_size"]
     assert {"get_job_batch", "is_done", "setup"} <= set(dir(BasicSweeper))
+    # what planning composes jobs with (normbench/sweep/composing.py)
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    assert hydra_glue.ConfigLoaderImpl is ConfigLoaderImpl
+    assert list(inspect.signature(ConfigLoaderImpl._apply_overrides_to_config).parameters) == ["overrides", "cfg"]
+    assert list(inspect.signature(ConfigLoaderImpl._parse_overrides_and_create_caching_repo).parameters) == \
+        ["self", "config_name", "overrides"]
+    assert list(inspect.signature(ConfigLoaderImpl.load_sweep_config).parameters) == \
+        ["self", "master_config", "sweep_overrides"]
 
 
 def _seed_and_batch(dict_cfg):
@@ -466,7 +476,7 @@ def _dies_on_ln(cfg, retry_failed):
     """A worker's train function that kills its process on ln runs (as an out-of-memory kill would)."""
     if cfg.norm.name == "ln":
         os._exit(3)
-    return sweep._worker_train(cfg, retry_failed)
+    return workers._worker_train(cfg, retry_failed)
 
 
 def _start_time(cfg, retry_failed):
@@ -510,12 +520,12 @@ def test_each_worker_keeps_to_its_own_gpu(tmp_path, monkeypatch):
     import torch
 
     seen = []
-    monkeypatch.setattr(sweep, "train_job", lambda cfg, retry_failed: seen.append(cfg.device))
+    monkeypatch.setattr(workers, "train_job", lambda cfg, retry_failed: seen.append(cfg.device))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for slot in range(3):
-        monkeypatch.setattr(sweep, "_worker_slot", slot)
-        sweep._worker_train(compose(tiny(tmp_path) + ["device=auto"]), False)
-    sweep._worker_train(compose(tiny(tmp_path)), False)
+        monkeypatch.setattr(workers, "_worker_slot", slot)
+        workers._worker_train(compose(tiny(tmp_path) + ["device=auto"]), False)
+    workers._worker_train(compose(tiny(tmp_path)), False)
     assert seen == ["cuda:0", "cuda:1", "cuda:0", "cpu"]  # an explicit device is left alone
 
 
@@ -538,7 +548,7 @@ def test_the_terminal_display_counts_planned_runs_then_shows_the_sweep(tmp_path)
 
     from rich.console import Console
 
-    from normbench.display import SweepDisplay
+    from normbench.progress import SweepDisplay
 
     planned = sweep.plan(tiny(tmp_path, "norm=bn,ln"))
     with SweepDisplay(Console(file=io.StringIO(), force_terminal=True, width=120)) as display:

@@ -40,13 +40,13 @@ def to_config(cfg) -> Config:
     """DictConfig -> validated dataclasses (the one conversion at the boundary)."""
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    _reject_unknown_keys(cfg, "")
+    reject_unknown_keys(cfg, "")
     config = OmegaConf.to_object(cfg)
     validate(config)
     return config
 
 
-def _reject_unknown_keys(node, prefix: str) -> None:
+def reject_unknown_keys(node, prefix: str) -> None:
     """`+key=value` can add keys that no schema has; refuse them like any other typo."""
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
@@ -57,5 +57,5 @@ def _reject_unknown_keys(node, prefix: str) -> None:
     for key in node:
         child = node._get_node(key)
         if OmegaConf.is_dict(child):
-            _reject_unknown_keys(child, f"{prefix}{key}.")
+            reject_unknown_keys(child, f"{prefix}{key}.")
 

@@ -1,0 +1,140 @@
+"""Sweeps on Hydra's own multirun machinery, with resume.
+
+A sweep runs in two passes over the same expansion:
+
+1. plan (`planning`): every job of the grid is composed, validated (data present, model/norm
+   compatible) and matched against its run folder, in this process, without any launcher:
+   planning writes nothing and runs no Hydra callback. ``--dry-run`` stops here.
+2. train: on this machine, normbench trains the configs the plan composed, one after another
+   (`training`), or ``--jobs N`` at a time in worker processes (`workers`: longest first, CPU threads
+   split between them, one GPU each where there are several), which start training while the rest is
+   planned. A sequential sweep trains once the plan is complete: planning builds models with torch's
+   global random generator, which the run being trained seeds its initialization from. With another Hydra launcher (``hydra/launcher=slurm``, ...), that launcher runs
+   every job once the plan is complete. A job skips itself when its folder already holds a finished
+   run, and a run being trained holds a lock, so two sweeps over one folder never train a run twice.
+
+Progress is read from the run folders (`watching`). Hydra is reached through `hydra_glue` alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normbench import results
+from normbench.config import run_id
+from normbench.errors import UserError
+from normbench.sweep.hydra_glue import (check_launcher, compose_primary, configured_launcher, hydra_multirun,
+                                        launcher_of)
+from normbench.sweep.planning import (RETRIED, CheckCache, Planned, check_job, expand, iter_plan, plan, run_state,
+                                      should_train, to_train)
+from normbench.sweep.training import HydraTask, train_all, train_job
+from normbench.sweep.watching import watching
+from normbench.sweep.workers import Workers, cpu_cores
+
+__all__ = ["RETRIED", "CheckCache", "Planned", "SweepOutcome", "Workers", "capped_jobs", "check_job",
+           "check_launcher", "compose_primary", "configured_launcher", "cpu_cores", "expand", "hydra_multirun",
+           "iter_plan", "launcher_of", "plan", "run", "run_state", "should_train", "to_train", "train_all",
+           "train_job"]
+
+
+@dataclass
+class SweepOutcome:
+    planned: list[Planned]
+    retry_failed: bool = False
+    outcomes: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for o in self.outcomes if not o.get("skipped") and o["status"] != "invalid")
+
+    @property
+    def already_done(self) -> int:
+        """Runs finished before this sweep trained anything: at planning, or by another sweep meanwhile."""
+        done = ("completed",) if self.retry_failed else ("completed", "diverged")
+        return sum(1 for p in self.planned if p.state in done) + sum(
+            1 for o in self.outcomes if o.get("skipped") and o["status"] in results.FINISHED)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """(what, why) for every job without a result: invalid configs and failed runs, earlier ones too."""
+        bad = {p.label: p.error for p in self.planned if p.state == "invalid"}
+        bad.update({run_id(p.cfg): p.error or "failed" for p in self.planned
+                    if p.state == "failed" and not self.retry_failed})
+        bad.update({o["run_id"]: o.get("error") or o["status"] for o in self.outcomes
+                    if o["status"] in ("failed", "invalid")})
+        return list(bad.items())
+
+    @property
+    def experiment_dirs(self) -> list[Path]:
+        return sorted({results.experiment_dir(p.cfg) for p in self.planned if p.cfg is not None})
+
+
+WORKER_MEMORY_GB = 0.8  # what one --jobs worker holds (torch, a decoded dataset, a small model), measured
+
+
+def _available_memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def capped_jobs(jobs: int) -> tuple[int, str | None]:
+    """`jobs`, capped by the cores and by the memory available for workers; a note says why when capped."""
+    limits = {"cores": cpu_cores()}
+    memory = _available_memory_gb()
+    if memory is not None:
+        limits["GB of memory available"] = max(1, int(memory / WORKER_MEMORY_GB))
+    why, cap = min(((w, n) for w, n in limits.items()), key=lambda wn: wn[1])
+    if jobs <= cap:
+        return jobs, None
+    amount = f"{memory:.1f} GB of memory available, {WORKER_MEMORY_GB} GB a worker" if why != "cores" else \
+        f"{cap} cores"
+    return cap, f"--jobs {jobs} capped at {cap}: this machine has {amount}"
+
+
+def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
+        display=None) -> SweepOutcome:
+    """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
+
+    On this machine the configs the plan composed are trained directly, `jobs` at a time; another
+    Hydra launcher (``hydra/launcher=slurm``, ...) is given the sweep's overrides and runs the jobs itself.
+    """
+    t0 = time.perf_counter()
+    launcher = configured_launcher(overrides, config_dir)
+    if jobs > 1 and launcher != "basic":
+        raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
+                        "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+    check_launcher(launcher)
+    shown = display.planned if display is not None else (lambda p: None)
+    if launcher == "basic" and jobs > 1:
+        with Workers(jobs, retry_failed) as workers:
+            def on_planned(p: Planned) -> None:
+                shown(p)
+                workers.offer(p)  # training starts while the rest is planned
+
+            planned = plan(overrides, config_dir, on_planned)
+            outcome = SweepOutcome(planned, retry_failed)
+            with watching(planned, retry_failed, display):
+                outcome.outcomes = workers.join()
+                for i, o in enumerate(outcome.outcomes):  # runs another sweep was training: wait for them
+                    if o["status"] == "busy":
+                        outcome.outcomes[i] = train_job(workers.offered[i].cfg, retry_failed, wait=True)
+    else:
+        planned = plan(overrides, config_dir, shown)
+        outcome = SweepOutcome(planned, retry_failed)
+        todo = to_train(planned, retry_failed)
+        if todo:
+            with watching(planned, retry_failed, display):
+                if launcher == "basic":
+                    outcome.outcomes = train_all(todo, retry_failed, display)
+                else:
+                    outcome.outcomes = hydra_multirun(overrides, HydraTask(retry_failed), config_dir)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome

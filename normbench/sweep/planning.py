@@ -1,0 +1,154 @@
+"""Planning a sweep: every job expanded, composed, validated and matched against its run folder.
+
+Planning writes nothing (a finished run's leftovers are cleaned only when the plan is for training)
+and runs no Hydra callback or launcher. It scales to sweeps of many thousand jobs:
+
+* composition: each distinct combination of config-group choices is composed by Hydra once, and a
+  job's other overrides are applied to a copy of it (`composing.JobComposer`);
+* validation: every job's config is typed and range-checked (`normbench.config.validate`), as a
+  single run's is;
+* the checks that load data and build the model (`runner.check`) run once per distinct combination
+  of the settings they read (`CheckCache`), so a grid over seeds and learning rates builds one
+  model per model/norm/batch combination, and each dataset is read once.
+
+`iter_plan` yields the jobs one by one, so training can start before planning ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.global_hydra import GlobalHydra
+
+from normbench import results
+from normbench.config import Config, config_hash
+from normbench.errors import UserError
+from normbench.sweep.composing import JobComposer, finish
+from normbench.sweep.hydra_glue import check_bookkeeping, compose_primary, expand_jobs
+
+RETRIED = ("failed", "diverged")  # finished statuses that --retry-failed trains again
+
+
+@dataclass
+class Planned:
+    overrides: list[str]
+    cfg: Config | None
+    state: str  # new | running | busy | completed | diverged | failed | invalid
+    error: str | None = None
+    cost: float = 0.0  # estimated training cost, relative (runner.check): parallel sweeps start long runs first
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(defaults)"
+
+
+def should_train(state: str, retry_failed: bool) -> bool:
+    return state in ("new", "running", "busy") or (retry_failed and state in RETRIED)
+
+
+def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
+    """The planned runs a sweep will train: valid, and not finished (or failed, with retry_failed)."""
+    return [p for p in planned if p.state != "invalid" and should_train(p.state, retry_failed)]
+
+
+def run_state(cfg: Config, clean: bool = True) -> tuple[str, dict | None]:
+    """The run folder's state: 'new', 'running' (unfinished or interrupted), 'busy' (being trained by
+    another process now) or its finished status, with the summary it was read from (None when there is
+    none for this config)."""
+    folder = results.run_dir(cfg)
+    summary = results.read_summary(folder)
+    if summary is None or summary.get("config_hash") != config_hash(cfg):
+        return ("busy" if results.is_locked(folder) else "new"), None
+    status = summary.get("status")
+    if status in results.FINISHED:
+        if clean:  # leftovers of a kill beside a finished result; not on --dry-run, which writes nothing
+            results.clean_finished(folder, summary)
+        return status, summary
+    return ("busy" if results.is_locked(folder) else "running"), summary
+
+
+# Settings that runner.check does not read (it reads the data, model and norm configs, the batch size,
+# the epochs and where results go): jobs that differ only in these share one check and its cost.
+NOT_CHECKED = ("seed", "lr", "lr_scaling", "base_batch_size", "optim", "eval", "eval_batch_size", "device",
+               "checkpoint", "keep_checkpoint", "perf", "norm_batch_size")
+
+
+class CheckCache:
+    """`runner.check` (data present, model and norm compatible, batch fits, results writable; cost) once
+    per distinct combination of the settings it reads; its refusal or its cost is kept for the rest."""
+
+    def __init__(self):
+        self.outcomes: dict[str, float | str] = {}  # its cost, or why it is refused
+
+    def __call__(self, cfg: Config) -> float:
+        from normbench.runner import check  # deferred: the runner imports torch models and data
+
+        key = repr([getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_CHECKED])
+        if key not in self.outcomes:
+            try:
+                self.outcomes[key] = check(cfg)
+            except UserError as e:
+                self.outcomes[key] = str(e)
+        outcome = self.outcomes[key]
+        if isinstance(outcome, str):
+            raise UserError(outcome)  # a fresh one: a re-raised exception would grow its traceback each time
+        return outcome
+
+
+def check_job(overrides: list[str], composed, clean: bool = True, check: Callable[[Config], float] | None = None
+              ) -> Planned:
+    """Validate (`composing.finish`) and cost one composed job and look at its run folder. Trains and writes
+    nothing."""
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        cfg = finish(composed)
+        cost = (check or CheckCache())(cfg)
+        state, summary = run_state(cfg, clean)
+    except UserError as e:
+        return Planned(overrides, None, "invalid", str(e))
+    return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
+
+
+def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False
+              ) -> Iterator[Planned]:
+    """Expand a sweep and yield, job by job, whether it is new, done, failed or invalid.
+
+    A config that Hydra cannot compose (a typo, a value of the wrong type) stops the sweep with a
+    `UserError`; a config that composes but cannot run is planned as invalid, and planning goes on.
+    """
+    from normbench.data import forget_failures
+
+    hydra, primary = compose_primary(overrides, config_dir)
+    forget_failures()
+    try:
+        check_bookkeeping(primary)
+        results.check_writable(Path(str(primary.results_dir)).expanduser(), create=False)
+        composer, check = JobComposer(hydra, primary), CheckCache()
+        for job in expand_jobs(hydra, primary):
+            yield check_job(job, composer.compose(job), clean=not dry_run, check=check)
+    finally:
+        forget_failures()
+        GlobalHydra.instance().clear()
+
+
+def plan(overrides: list[str], config_dir: str | Path | None = None,
+         on_planned: Callable[[Planned], None] | None = None, dry_run: bool = False) -> list[Planned]:
+    """Every job of the sweep planned (`iter_plan`); each goes to `on_planned` (if given) as soon as it is."""
+    planned = []
+    for p in iter_plan(overrides, config_dir, dry_run):
+        planned.append(p)
+        if on_planned:
+            on_planned(p)
+    return planned
+
+
+def expand(overrides: list[str], config_dir: str | Path | None = None) -> list[list[str]]:
+    """The overrides of every job of a sweep, without composing the jobs."""
+    hydra, primary = compose_primary(overrides, config_dir)
+    try:
+        return expand_jobs(hydra, primary)
+    finally:
+        GlobalHydra.instance().clear()

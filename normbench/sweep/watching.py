@@ -1,0 +1,53 @@
+"""Sweep progress read from the run folders, so the display is right whichever process trains the runs."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+from normbench import results
+from normbench.config import run_id
+from normbench.sweep.planning import Planned, to_train
+
+
+class FolderWatcher(threading.Thread):
+    """Counts finished runs from their folders and passes {run id: summary or None} to `on_change`."""
+
+    def __init__(self, planned: list[Planned], on_change, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.folders = {run_id(p.cfg): results.run_dir(p.cfg) for p in planned if p.cfg is not None}
+        self.seen: dict[str, dict] = {}  # finished runs: their summaries are not read again
+        self.on_change, self.interval = on_change, interval
+        self.stop_event = threading.Event()
+
+    def poll(self) -> dict[str, dict | None]:
+        for rid, folder in self.folders.items():
+            if rid not in self.seen:
+                summary = results.read_summary(folder)
+                if summary is not None and summary.get("status") in results.FINISHED:
+                    self.seen[rid] = summary
+        return {rid: self.seen.get(rid) for rid in self.folders}
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.on_change(self.poll())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+        self.on_change(self.poll())
+
+
+@contextmanager
+def watching(planned: list[Planned], retry_failed: bool, display):
+    """Show the sweep's progress on `display` (if any) from the run folders, whoever trains the runs."""
+    if display is None or not to_train(planned, retry_failed):
+        yield
+        return
+    watcher = FolderWatcher(planned, display.runs_changed)
+    display.start_sweep(planned, retry_failed)
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.stop()
