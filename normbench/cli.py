@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import yaml
 from rich.markup import escape
-from rich.syntax import Syntax
 from rich.table import Table
 
 from normbench import __version__
-from normbench.config import GROUPS, compose, run_id, to_dict
-from normbench.display import EpochProgress, console, summary_table
+from normbench.display import console
 from normbench.errors import UserError
+
+# Commands import what they use when they run (the config package, torch, pandas), so that --version,
+# list and config start fast (benchmarks/startup.py; tests/test_startup.py checks what each imports).
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compare normalization layers across batch sizes, with error bars.")
@@ -66,6 +66,9 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None,
 
     A run that already finished is shown, not trained again (unless --force).
     """
+    from normbench.config import compose
+    from normbench.display import summary_table
+    from normbench.progress import EpochProgress
     from normbench.runner import execute
 
     with user_errors():
@@ -82,6 +85,11 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None,
 @app.command("config")
 def show_config(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
     """Print the composed config, with the run id it maps to."""
+    import yaml
+    from rich.syntax import Syntax
+
+    from normbench.config import compose, run_id, to_dict
+
     with user_errors():
         cfg = compose(overrides or [], config_dir)
     text = f"# run_id: {run_id(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -111,6 +119,8 @@ def _choices(group: str, config_dir: Path | None) -> dict[str, str]:
 @app.command("list")
 def list_choices(config_dir: ConfigDir = None) -> None:
     """List the datasets, models, norms, optimizers and experiment presets."""
+    from normbench.config import GROUPS
+
     for group in (*GROUPS, "experiment"):
         table = Table(title=f"{group}  ({group}=NAME)", title_justify="left", show_header=False, box=None)
         table.add_column(style="bold cyan")
@@ -122,6 +132,8 @@ def list_choices(config_dir: ConfigDir = None) -> None:
 
 
 def _print_plan(planned) -> None:
+    from normbench.config import run_id
+
     table = Table(title="runs", header_style="bold")
     for col in ("#", "overrides", "run id", "state"):
         table.add_column(col)
@@ -154,19 +166,22 @@ def sweep(
 
     Finished runs are skipped, so running the same command again resumes an interrupted sweep.
     """
-    from normbench import report
     from normbench import sweep as sweeps
-    from normbench.display import SweepDisplay
+    from normbench.display import planning_count
 
     with user_errors():
         jobs, note = sweeps.capped_jobs(jobs)
         if note:
             console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
         if dry_run:
-            planned = sweeps.plan(overrides or [], config_dir, dry_run=True)
+            with planning_count() as planned_one:
+                planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
             _print_plan(planned)
             console.print(_counts(planned, retry_failed))
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
+        from normbench import report
+        from normbench.progress import SweepDisplay
+
         with SweepDisplay() as display:
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
         command = "normbench sweep " + " ".join(overrides or []) + (f" --jobs {jobs}" if jobs > 1 else "")

@@ -10,14 +10,17 @@ import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 
 from normbench.config import Config, dict_hash, run_id, to_dict
 from normbench.errors import UserError
 from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, remove_stale_temp_files
 from normbench.results.locks import Busy, run_lock
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a table is read or written: planning a sweep needs none
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                   "test_acc_batch_stats", "test_acc_precise", "seconds", "samples_per_s"]
@@ -47,6 +50,8 @@ def write_config(folder: Path, cfg: Config) -> None:
 
 
 def write_metrics(folder: Path, records: list) -> None:
+    import pandas as pd
+
     frame = pd.DataFrame([dataclasses.asdict(r) for r in records], columns=METRIC_COLUMNS)
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
@@ -67,6 +72,8 @@ def read_summary(folder: Path) -> dict | None:
 
 
 def read_metrics(folder: Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_csv(folder / "metrics.csv")
 
 
@@ -167,6 +174,8 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
     unreadable or inconsistent is skipped with a warning naming it. Leftovers of a kill beside a finished
     run (a checkpoint, temp files) are removed on the way.
     """
+    import pandas as pd
+
     summaries, curves, warnings = [], {}, []
     for folder in _run_folders(experiment, warnings):
         try:
