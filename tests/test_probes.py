@@ -296,3 +296,15 @@ def test_run_folder_has_one_tidy_csv_per_probe_and_their_time(results_dir):
     assert not (done.folder / "probe_scales.csv").exists()
     seconds = read_summary(done.folder)["probe_seconds"]
     assert set(seconds) == {"landscape", "ics"} and all(s > 0 for s in seconds.values())
+
+
+def test_a_resumed_run_continues_its_probe_tables(results_dir):
+    extra = ("epochs=2", "probes.landscape.every=3", "probes.scales.every=5")
+    cfg, data, net = setup(results_dir, "mlp", "bn", *extra)
+    states = []
+    whole = fit(cfg, net, data, on_epoch_end=lambda s: states.append(copy.deepcopy(s)))
+    _, _, fresh = setup(results_dir, "mlp", "bn", *extra)
+    resumed = fit(cfg, fresh, data, resume=states[0])
+    assert same_records(whole, resumed)
+    for name in ("landscape", "scales"):
+        assert pd.DataFrame(resumed.probe_rows[name]).equals(pd.DataFrame(whole.probe_rows[name]))
