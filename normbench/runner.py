@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normbench import probes, results, tracking
+from normbench import probes, results, threads, tracking
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
 from normbench.data import Data, decoded, load_data
 from normbench.errors import UserError
@@ -138,7 +138,10 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     _check_batch_fits(cfg, len(data.train_y))
-    model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed).to(device)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed)
+    macs = forward_work(model, data.input_shape)[1]  # before .to(device): it runs a zero sample on the CPU
+    torch.set_num_threads(threads.choose(cfg.threads, cfg.batch_size, macs))
+    model = model.to(device)
     if device.type == "cuda" and cfg.perf.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)  # NHWC: faster conv kernels, same numbers
     results.check_writable(experiment)

@@ -27,7 +27,7 @@ def to_dict(cfg: Config) -> dict:
 
 # Settings that say where things go or how they are shown, not what is computed.
 NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_checkpoint", "perf.channels_last",
-              "tensorboard")
+              "tensorboard", "threads")
 
 
 # Settings added after results existed, hashed only when they differ from their default (which is the

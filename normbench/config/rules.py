@@ -75,7 +75,7 @@ SHIFTS = Must(_valid_shifts, "a list of distinct KIND:SEVERITY, KIND one of cont
 RULES: dict[type, dict[str, Must]] = {
     Config: {"batch_size": POSITIVE, "epochs": POSITIVE, "lr": POSITIVE, "base_batch_size": POSITIVE,
              "seed": SEED, "eval_batch_size": POSITIVE, "results_dir": FOLDER,
-             "norm_batch_size": optional(POSITIVE)},
+             "norm_batch_size": optional(POSITIVE), "threads": optional(POSITIVE)},
     EvalConfig: {"precise_bn_samples": POSITIVE, "shifts": SHIFTS},
     NormConfig: {"eps": POSITIVE},
     BNConfig: {"momentum": optional(UNIT_OPEN_CLOSED)},

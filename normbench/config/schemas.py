@@ -267,6 +267,7 @@ class Config:
     base_batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Optional[int] = None  # CPU threads per run; None: 1 for small steps, else every core (threads.py)
     eval_batch_size: int = 128
     results_dir: str = "results"
     checkpoint: bool = True  # save the training state after every epoch, to resume a killed run

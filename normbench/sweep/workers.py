@@ -26,15 +26,21 @@ _worker_slot = 0  # in a worker process: its number, 0 .. jobs - 1
 
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask, so taskset and cgroup cpusets count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from normbench.threads import cores
+
+    return cores()
 
 
 def _worker_start(slots, threads: int, parent: int) -> None:
-    """Worker process setup: its slot number, its share of the CPU threads, and an exit when the sweep dies."""
+    """Worker process setup: its slot number, its share of the CPU threads (the most a run in it uses;
+    small runs use one, see normbench.threads), and an exit when the sweep dies."""
     import torch
+
+    from normbench import threads as thread_choice
 
     global _worker_slot
     _worker_slot = slots.get()
+    thread_choice.set_share(threads)
     torch.set_num_threads(threads)
 
     def exit_with_parent() -> None:  # a SIGKILLed sweep leaves no orphan training behind

@@ -1,0 +1,52 @@
+"""threads: null picks one thread for small training steps and the process's share of the cores otherwise;
+threads: N sets it. The count a run used is in its summary; it never enters the run id."""
+
+import pytest
+import torch
+
+from normbench import results, runner, threads
+from normbench.config import compose, run_id
+from normbench.errors import UserError
+
+from conftest import tiny_run_overrides
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+    threads._share = None
+
+
+def test_small_steps_get_one_thread_large_ones_the_share():
+    assert threads.choose(None, 2, 268_800) == 1  # the MLP at batch 2
+    assert threads.choose(None, 32, 7_452_416) == threads.cores()  # the CNN at batch 32
+    threads.set_share(3)
+    assert threads.choose(None, 32, 7_452_416) == 3
+    assert threads.choose(5, 2, 268_800) == 5  # set outright
+
+
+@pytest.mark.parametrize("setting,expected", [("null", 1), ("3", 3)])
+def test_the_run_uses_and_records_its_thread_count(results_dir, setting, expected):
+    cfg = compose(tiny_run_overrides(results_dir, threads=setting))  # a tiny MLP step: small work
+    summary = runner.execute(cfg).summary
+    assert summary["threads"] == expected
+    assert results.read_summary(results.run_dir(cfg))["threads"] == expected
+
+
+def test_threads_is_validated_and_not_part_of_the_run_id(results_dir):
+    assert run_id(compose(tiny_run_overrides(results_dir, threads=1))) == run_id(compose(tiny_run_overrides(results_dir)))
+    with pytest.raises(UserError, match="threads"):
+        compose(tiny_run_overrides(results_dir, threads=0))
+
+
+def test_a_sweep_worker_caps_large_runs_at_its_share(results_dir):
+    """With --jobs, a worker's share of the cores is the most a run in it uses."""
+    from normbench.models import build_model, forward_work
+
+    cfg = compose(tiny_run_overrides(results_dir, "cnn", "bn", batch_size=16, **{"model.channels": "[64,64]"}))
+    net = build_model(cfg.model, (1, 28, 28), 10, runner.norm_factory(cfg), 0)
+    assert 16 * forward_work(net, (1, 28, 28))[1] >= threads.SMALL_STEP_MACS  # a large step: the share applies
+    threads.set_share(1)
+    assert runner.execute(cfg).summary["threads"] == 1
