@@ -131,17 +131,25 @@ def list_choices(config_dir: ConfigDir = None) -> None:
         console.print()
 
 
+PLAN_TABLE_ROWS = 500  # a longer plan is printed as plain lines: a table that long is slow and no easier to read
+
+
 def _print_plan(planned) -> None:
     from normbench.config import run_id
 
+    shared = set.intersection(*(set(p.overrides) for p in planned)) if planned else set()
+    rows = [(str(i), " ".join(o for o in p.overrides if o not in shared) or p.label,
+             (p.run_id or run_id(p.cfg)) if p.cfg else "-", p.state, p.error if p.state == "invalid" else None)
+            for i, p in enumerate(planned)]
+    if len(rows) > PLAN_TABLE_ROWS:
+        typer.echo("\n".join(f"{i:>6}  {state:<9}  {rid:<40}  {varying}" + (f"  invalid: {error}" if error else "")
+                             for i, varying, rid, state, error in rows))
+        return
     table = Table(title="runs", header_style="bold")
     for col in ("#", "overrides", "run id", "state"):
         table.add_column(col)
-    shared = set.intersection(*(set(p.overrides) for p in planned)) if planned else set()
-    for i, p in enumerate(planned):
-        state = f"[red]invalid: {escape(p.error)}[/red]" if p.state == "invalid" else p.state
-        varying = " ".join(o for o in p.overrides if o not in shared) or p.label
-        table.add_row(str(i), escape(varying), run_id(p.cfg) if p.cfg else "-", state)
+    for i, varying, rid, state, error in rows:
+        table.add_row(i, escape(varying), rid, f"[red]invalid: {escape(error)}[/red]" if error else state)
     console.print(table)
 
 

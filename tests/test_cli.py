@@ -100,7 +100,7 @@ def test_config_prints_yaml_with_run_id():
     first = result.output.splitlines()[0]
     assert first == f"# run_id: {run_id(cfg)}"
     assert yaml.safe_load(result.output) == to_dict(cfg)
-    assert run_id(cfg).startswith("cnn-gn-b4-s3-")
+    assert run_id(cfg).startswith("cnn-gn8-b4-s3-")  # gn with 8 groups is the packaged gn8 (config.ids.norm_label)
 
 
 def test_list_names_every_registry_entry():

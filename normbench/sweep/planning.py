@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra.core.global_hydra import GlobalHydra
 
 from normbench import results
-from normbench.config import Config, config_hash
+from normbench.config import Config, config_hash, run_id
 from normbench.errors import UserError
 from normbench.sweep.composing import JobComposer, finish
 from normbench.sweep.hydra_glue import check_bookkeeping, compose_primary, expand_jobs
@@ -39,6 +39,7 @@ class Planned:
     state: str  # new | running | busy | completed | diverged | failed | invalid
     error: str | None = None
     cost: float = 0.0  # estimated training cost, relative (runner.check): parallel sweeps start long runs first
+    run_id: str | None = None  # of `cfg`, computed once (it hashes the whole config)
 
     @property
     def label(self) -> str:
@@ -54,11 +55,11 @@ def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
     return [p for p in planned if p.state != "invalid" and should_train(p.state, retry_failed)]
 
 
-def run_state(cfg: Config, clean: bool = True) -> tuple[str, dict | None]:
+def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[str, dict | None]:
     """The run folder's state: 'new', 'running' (unfinished or interrupted), 'busy' (being trained by
     another process now) or its finished status, with the summary it was read from (None when there is
-    none for this config)."""
-    folder = results.run_dir(cfg)
+    none for this config). `rid`: the config's run id, when already known."""
+    folder = results.run_dir(cfg, rid)
     summary = results.read_summary(folder)
     if summary is None or summary.get("config_hash") != config_hash(cfg):
         return ("busy" if results.is_locked(folder) else "new"), None
@@ -106,10 +107,11 @@ def check_job(overrides: list[str], composed, clean: bool = True, check: Callabl
     try:
         cfg = finish(composed)
         cost = (check or CheckCache())(cfg)
-        state, summary = run_state(cfg, clean)
+        rid = run_id(cfg)
+        state, summary = run_state(cfg, clean, rid)
     except UserError as e:
         return Planned(overrides, None, "invalid", str(e))
-    return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost)
+    return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost, rid)
 
 
 def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False

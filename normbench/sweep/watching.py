@@ -15,7 +15,11 @@ class FolderWatcher(threading.Thread):
 
     def __init__(self, planned: list[Planned], on_change, interval: float = 1.0):
         super().__init__(daemon=True)
-        self.folders = {run_id(p.cfg): results.run_dir(p.cfg) for p in planned if p.cfg is not None}
+        self.folders = {}
+        for p in planned:
+            if p.cfg is not None:
+                rid = p.run_id or run_id(p.cfg)
+                self.folders[rid] = results.run_dir(p.cfg, rid)
         self.seen: dict[str, dict] = {}  # finished runs: their summaries are not read again
         self.on_change, self.interval = on_change, interval
         self.stop_event = threading.Event()
