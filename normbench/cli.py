@@ -116,12 +116,18 @@ def _choices(group: str, config_dir: Path | None) -> dict[str, str]:
     return found
 
 
+def _groups() -> list[str]:
+    """The packaged config groups users choose from (one folder of YAMLs each; hydra/ is Hydra's own),
+    presets last. Read from the folders, so listing needs no config package (and no Hydra)."""
+    folders = sorted(e.name for e in resources.files("normbench.conf").iterdir()
+                     if e.is_dir() and e.name not in ("hydra", "experiment") and not e.name.startswith("_"))
+    return [*folders, "experiment"]
+
+
 @app.command("list")
 def list_choices(config_dir: ConfigDir = None) -> None:
     """List the datasets, models, norms, optimizers and experiment presets."""
-    from normbench.config import GROUPS
-
-    for group in (*GROUPS, "experiment"):
+    for group in _groups():
         table = Table(title=f"{group}  ({group}=NAME)", title_justify="left", show_header=False, box=None)
         table.add_column(style="bold cyan")
         table.add_column()
