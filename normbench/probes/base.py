@@ -89,12 +89,17 @@ class StepView:
         """(loss, its gradient wrt `params`) from the state restored to the step's: one forward and backward."""
         self.state.restore_model()
         loss = self.loss()
-        grads = torch.autograd.grad(loss, params)
-        return loss.item(), [g.detach() for g in grads]
+        return loss.item(), gradient(loss, params)
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def gradient(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """d loss / d params; a parameter the loss does not use gets zeros, as the optimizer step would see it."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

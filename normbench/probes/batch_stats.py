@@ -16,7 +16,9 @@ other norms) and for every channel c:
   (``stat=std``), whose quantiles over batches and channels are recorded.
 
 For independent samples both shrink like 1/sqrt(values per statistic): 1/sqrt(B) on flat features,
-1/sqrt(B H W) at most on conv features (neighbouring positions are correlated, so less). Inside a
+1/sqrt(B H W) at most on conv features (neighbouring positions are correlated, so less). The batches
+are drawn without replacement from the n samples, so the error also carries the finite-population factor
+sqrt(1 - B/n): with B near n it falls faster than 1/sqrt(B) (log-log slopes a little below -0.5). Inside a
 recurrent cell each time step has its own population; errors are pooled over steps. Channels with no
 spread (sigma_c = 0) have no relative error and are left out.
 """

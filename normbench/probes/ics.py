@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normbench.probes.base import StepView, hooked, weight_layers
+from normbench.probes.base import StepView, gradient, hooked, weight_layers
 
 KEYS = ("quantity",)
 
@@ -88,7 +88,7 @@ class ICS:
                         p.copy_(after[index[id(p)]])
             loss = view.loss()
             k = index[id(layer.weight)]
-            g_shifted = torch.autograd.grad(loss, params)[k].double()
+            g_shifted = gradient(loss, params)[k].double()
             g_now = g[k].double()
             diff = float(torch.linalg.vector_norm(g_now - g_shifted))
             norms = float(torch.linalg.vector_norm(g_now)) * float(torch.linalg.vector_norm(g_shifted))

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from normbench.probes.base import StepView, norm2
+from normbench.probes.base import StepView, gradient, norm2
 
 KEYS = ("quantity", "lr_multiple")
 
@@ -52,7 +52,7 @@ class Landscape:
                 for p, gp in zip(params, g):
                     p.sub_(gp, alpha=eta)
             loss = view.loss()
-            moved = torch.autograd.grad(loss, params)
+            moved = gradient(loss, params)
             change = norm2([a - b for a, b in zip(moved, g)])
             losses.append(loss.item())
             changes.append(change)
