@@ -136,8 +136,18 @@ def _write(report: Report) -> Path:
             plt.close(fig)
             written.append(name)
     path = out / "report.md"
-    results.atomic_write(path, markdown(report, written))
+    results.atomic_write(path, markdown(report, written, _probes(report)))
     return path
+
+
+def _probes(report: Report) -> list[str]:
+    """The probes' section of report.md (it writes their figures), when some run carries probe tables."""
+    folders = [report.experiment / s["run_id"] for s in report.summaries]
+    if not any(any(f.glob("probe_*.csv")) for f in folders):
+        return []  # (and the probes package, which imports torch, stays unimported)
+    from normbench.probes.section import probes_section
+
+    return probes_section(folders, report.experiment)[0]
 
 
 def _heading(column) -> str:
@@ -202,7 +212,7 @@ values; the MLP with BatchNorm1d shows the effect most sharply.""",
 }
 
 
-def markdown(report: Report, figures: list[str]) -> str:
+def markdown(report: Report, figures: list[str], probes: list[str] = ()) -> str:
     r = report
     done = r.runs.status.value_counts().to_dict()
     lines = [f"# normbench report: {r.experiment.name}", "",
@@ -226,6 +236,8 @@ def markdown(report: Report, figures: list[str]) -> str:
         lines += ["## Degradation: accuracy at the largest batch minus at the smallest (points)", "",
                   _md_table(r.degradation.rename(columns={"drop_ci95": "± (95%)"})), ""]
     lines += ["## Figures", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
+    if probes:
+        lines += [*probes, ""]
     models = sorted(set(r.runs["config.model.name"]))
     anchors = [ANCHORS[m] for m in models if m in ANCHORS]
     if anchors:

@@ -249,3 +249,13 @@ def test_noise_config_is_validated_and_hashed_only_when_on():
     assert config_hash(compose(["norm.noise.mean=0"])) == config_hash(compose([]))
     assert config_hash(compose(["norm.noise.mean=0.1"])) != config_hash(compose([]))
     assert NormFactory("bn", NormOptions(noise=(0.1, 0.0)))(C, FLAT)[1].mean == 0.1
+
+
+@pytest.mark.parametrize("model", ["mlp", "rnn"])
+def test_batch_renorm_at_batch_1_on_flat_features_is_refused(model):
+    """One value per statistic has no variance: BRN, like BN, would silently output zeros."""
+    from normbench.config import compose
+    from normbench.errors import UserError
+
+    with pytest.raises(UserError, match="norm=brn with batch_size=1"):
+        compose([f"model={model}", "data=synthetic", "norm=brn", "batch_size=1"])

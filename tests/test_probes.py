@@ -319,3 +319,12 @@ def test_a_resumed_run_continues_its_probe_tables(results_dir):
     assert same_records(whole, resumed)
     for name in ("landscape", "scales"):
         assert pd.DataFrame(resumed.probe_rows[name]).equals(pd.DataFrame(whole.probe_rows[name]))
+
+
+def test_a_probe_that_does_not_apply_is_refused_when_the_config_is_composed():
+    """At compose time (so `sweep --dry-run` calls it invalid), not only when the run starts."""
+    from normbench.config import compose
+    from normbench.errors import UserError
+
+    with pytest.raises(UserError, match="probes.residual"):
+        compose(["model=mlp", "data=synthetic", "probes.residual.every=5"])

@@ -58,3 +58,13 @@ def test_loglog_slope_recovers_the_law():
     b = np.array([2, 4, 8, 16, 32])
     assert ap.loglog_slope(b, 3 / np.sqrt(b)) == pytest.approx(-0.5)
     assert np.isnan(ap.loglog_slope([2], [1.0]))
+
+
+def test_the_experiment_report_carries_the_probes_section(folders):
+    from normbench import report
+
+    experiment = folders[0].parent
+    path = report.write(report.build(experiment))
+    text = path.read_text()
+    assert "## Probes" in text and "(probe_landscape.png)" in text
+    assert (experiment / "probe_landscape.png").exists()

@@ -18,3 +18,10 @@ KNOWN = {
 @pytest.mark.parametrize("overrides,expected", KNOWN.items(), ids=[" ".join(k) or "defaults" for k in KNOWN])
 def test_run_ids_of_existing_settings_are_stable(overrides, expected):
     assert run_id(compose(list(overrides))) == expected
+
+
+def test_a_probe_that_is_on_enters_the_run_id_one_that_is_off_does_not():
+    plain = run_id(compose([]))
+    assert run_id(compose(["probes.landscape.lr_multiples=[0.5,1]"])) == plain  # an off probe's options
+    on = run_id(compose(["probes.scales.every=10"]))
+    assert on != plain and run_id(compose(["probes.scales.every=20"])) != on

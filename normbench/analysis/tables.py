@@ -108,6 +108,7 @@ def condition_columns(runs: pd.DataFrame) -> list[str]:
     config_cols = [c for c in runs.columns if c.startswith("config.")]
     other = [c for c in _varying(runs, config_cols)
              if c.split(".", 1)[1] not in NOT_CONDITIONS and c.split(".")[1] not in LABELLED
+             and c.split(".")[1] != "probes"  # measurements taken, not a setting of the training
              and c != "config.batch_size"]
     return [*LABELLED, "batch_size", *other]
 

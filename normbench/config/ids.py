@@ -62,6 +62,11 @@ def dict_hash(config: dict) -> str:
         value = _pop(d, key, _ABSENT)
         if value is not _ABSENT and value != default:
             d[key] = value
+    # Probes never change a run's metrics, but a run with a probe on has its tables and one without has
+    # not: the probes that are on (with their settings) are hashed, those that are off are not.
+    probes_on = {name: p for name, p in (_pop(d, "probes", None) or {}).items() if isinstance(p, dict) and p.get("every")}
+    if probes_on:
+        d["probes"] = probes_on
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -112,8 +112,8 @@ def validate(cfg: Config) -> None:
     _check_batch_classes(cfg)
     if isinstance(cfg.optim, SGDConfig) and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise UserError("optim.nesterov=true needs optim.momentum > 0")
-    if cfg.norm.name == "bn" and cfg.batch_size == 1 and cfg.model.name in ("mlp", "rnn"):
-        raise UserError(f"norm=bn with batch_size=1 on model={cfg.model.name}: batch norm on flat features "
+    if cfg.norm.name in ("bn", "brn") and cfg.batch_size == 1 and cfg.model.name in ("mlp", "rnn"):
+        raise UserError(f"norm={cfg.norm.name} with batch_size=1 on model={cfg.model.name}: batch norm on flat features "
                         "takes each channel's statistics over the batch alone, and one value has no variance. "
                         "Use batch_size >= 2, or norm=ln/gn, which do not depend on the batch")
     _check_norm_batch(cfg)
@@ -124,6 +124,10 @@ def validate(cfg: Config) -> None:
         raise UserError("norm.noise is not available inside recurrent cells (model=rnn): "
                         "use it with model=mlp, cnn or resnet20")
     _check_device(cfg.device)
+    if any(getattr(p, "every", 0) for p in vars(cfg.probes).values()):
+        from normbench.probes import validate_probes  # imports torch: only when a probe is on
+
+        validate_probes(cfg)
 
 
 def _check_norm_batch(cfg: Config) -> None:
