@@ -34,13 +34,15 @@ def grid(seeds: int, results_dir: Path) -> list[str]:
 def measured(command: list[str]) -> tuple[float, float, int]:
     """(wall seconds, peak RSS in MB, exit code) of one command run as a child process."""
     t0 = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - t0
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode not in (0, 1):
-        sys.exit(f"{' '.join(command[:6])} ... failed ({child.returncode}): {child.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, child.returncode
+    with tempfile.TemporaryFile() as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 1):
+            output.seek(0)
+            sys.exit(f"{' '.join(command[:6])} ... failed ({code}): {output.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, code
 
 
 def fabricate_runs(results_dir: Path, seeds: int) -> Path:
