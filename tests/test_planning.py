@@ -58,3 +58,49 @@ def test_each_combination_is_checked_once_and_every_job_judged(tmp_path, monkeyp
     assert len(invalid) == 12 and all("instance norm" in p.error and "norm=in" in p.label for p in invalid)
     assert all(p.state == "new" and p.cost > 0 for p in planned if p not in invalid)
     assert len({p.run_id for p in planned if p.run_id}) == 24
+
+
+def test_a_long_sequential_sweep_trains_while_it_is_planned_with_the_same_results(tmp_path, monkeypatch):
+    """With OVERLAP_JOBS at 1, the 4-run sweep trains its first run before the rest is planned (planning of
+    the later jobs waits until a run has started training); its runs equal those of a sweep planned first."""
+    import threading
+
+    from normbench import results
+    from normbench.sweep import planning
+
+    args = [*TINY, "norm=bn,ln", "seed=0,1"]
+    first = sweep.run([*args, f"results_dir={tmp_path / 'first'}"])
+    assert first.trained == 4
+
+    training = threading.Event()
+    waited = []
+    real_check, real_execute = planning.check_job, normbench.runner.execute
+
+    def check_after_training_starts(job, *a, **k):
+        if "seed=1" in job:
+            waited.append(training.wait(timeout=120))
+        return real_check(job, *a, **k)
+
+    def execute(*a, **k):
+        training.set()
+        return real_execute(*a, **k)
+
+    monkeypatch.setattr(planning, "check_job", check_after_training_starts)
+    monkeypatch.setattr(normbench.runner, "execute", execute)
+    monkeypatch.setattr(sweep, "OVERLAP_JOBS", 1)
+    overlapped = sweep.run([*args, f"results_dir={tmp_path / 'overlapped'}"])
+    assert waited == [True, True]  # the seed=1 jobs were planned after training had begun
+    assert overlapped.trained == 4 and overlapped.failures == [] and len(overlapped.planned) == 4
+    for p in first.planned:
+        a, b = (results.read_metrics(tmp_path / w / "default" / p.run_id) for w in ("first", "overlapped"))
+        columns = ["epoch", "train_loss", "test_acc", "test_acc_batch_stats"]
+        assert a[columns].equals(b[columns])
+
+
+def test_an_error_found_while_a_long_sweep_trains_stops_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "OVERLAP_JOBS", 1)
+    with pytest.raises(UserError, match="unknown norm 'nope'"):
+        sweep.run([*TINY, "norm=bn,nope", f"results_dir={tmp_path}"])
+    from hydra.core.global_hydra import GlobalHydra
+
+    assert not GlobalHydra.instance().is_initialized()

@@ -5,6 +5,7 @@ Models ask the norm factory for a norm and never branch on which norm it is.
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import torch
@@ -14,6 +15,10 @@ from normbench.norms import NormFactory, NormNoise, validate_norms
 from normbench.registry import Registry
 
 MODELS: Registry = Registry("model")
+
+# seeded_init seeds torch's global generator layer by layer. A sequential sweep plans (and so builds
+# models) in a thread while it trains; two builds must not interleave their seeding.
+_SEEDING = threading.Lock()
 
 # Importing the modules registers their models.
 from normbench.models import cnn, mlp, resnet, rnn  # noqa: E402,F401
@@ -42,7 +47,8 @@ def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: 
     """Build model `cfg.name`, validate its norms, and initialize it from `seed`."""
     model = MODELS.get(cfg.name)(cfg, input_shape, num_classes, norm)
     validate_norms(model, input_shape)
-    seeded_init(model, seed)
+    with _SEEDING:
+        seeded_init(model, seed)
     return model
 
 

@@ -7,9 +7,9 @@ A sweep runs in two passes over the same expansion:
    planning writes nothing and runs no Hydra callback. ``--dry-run`` stops here.
 2. train: on this machine, normbench trains the configs the plan composed, one after another
    (`training`), or ``--jobs N`` at a time in worker processes (`workers`: longest first, CPU threads
-   split between them, one GPU each where there are several), which start training while the rest is
-   planned. A sequential sweep trains once the plan is complete: planning builds models with torch's
-   global random generator, which the run being trained seeds its initialization from. With another Hydra launcher (``hydra/launcher=slurm``, ...), that launcher runs
+   split between them, one GPU each where there are several). The workers start training while the
+   main process plans; a sequential sweep of more than `OVERLAP_JOBS` jobs too (`planning.
+   PlanningThread`). With another Hydra launcher (``hydra/launcher=slurm``, ...), that launcher runs
    every job once the plan is complete. A job skips itself when its folder already holds a finished
    run, and a run being trained holds a lock, so two sweeps over one folder never train a run twice.
 
@@ -19,6 +19,7 @@ Progress is read from the run folders (`watching`). Hydra is reached through `hy
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from normbench.config import run_id
 from normbench.errors import UserError
 from normbench.sweep.hydra_glue import (check_launcher, compose_primary, configured_launcher, hydra_multirun,
                                         launcher_of)
-from normbench.sweep.planning import (RETRIED, CheckCache, Planned, check_job, expand, iter_plan, plan, run_state,
-                                      should_train, to_train)
+from normbench.sweep.planning import (RETRIED, CheckCache, Planned, PlanningThread, check_job, expand, iter_plan,
+                                      plan, run_state, should_train, to_train)
 from normbench.sweep.training import HydraTask, train_all, train_job
 from normbench.sweep.watching import watching
 from normbench.sweep.workers import Workers, cpu_cores
@@ -99,6 +100,42 @@ def capped_jobs(jobs: int) -> tuple[int, str | None]:
     return cap, f"--jobs {jobs} capped at {cap}: this machine has {amount}"
 
 
+OVERLAP_JOBS = 200  # a sequential sweep of more jobs trains while it is planned; a smaller one plans first
+
+
+def _sequential(overrides, config_dir, retry_failed: bool, display, shown) -> SweepOutcome:
+    """Train on this machine, one run after another. A sweep of at most OVERLAP_JOBS jobs is planned
+    completely first, so an error anywhere in it stops the sweep before any training; a larger one trains
+    each run as soon as it is planned (an error found later stops the sweep after the run in training),
+    and shows the whole sweep's progress once its plan is complete."""
+    planner = PlanningThread(overrides, config_dir, shown)
+    planner.start()
+    try:
+        planner.expanded.wait()
+        if planner.total is None or planner.total <= OVERLAP_JOBS:
+            planner.join()
+        outcome = SweepOutcome(planner.planned, retry_failed)
+        with ExitStack() as stack:
+            watched = []
+
+            def watch() -> None:
+                if not watched:
+                    watched.append(stack.enter_context(watching(planner.planned, retry_failed, display)))
+
+            def todo():
+                for p in planner:
+                    if planner.done.is_set():
+                        watch()
+                    if p.state != "invalid" and should_train(p.state, retry_failed):
+                        yield p
+                watch()
+
+            outcome.outcomes = train_all(todo(), retry_failed, display)
+        return outcome
+    finally:
+        planner.stop()
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
     """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
@@ -126,15 +163,13 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
                 for i, o in enumerate(outcome.outcomes):  # runs another sweep was training: wait for them
                     if o["status"] == "busy":
                         outcome.outcomes[i] = train_job(workers.offered[i].cfg, retry_failed, wait=True)
+    elif launcher == "basic":
+        outcome = _sequential(overrides, config_dir, retry_failed, display, shown)
     else:
         planned = plan(overrides, config_dir, shown)
         outcome = SweepOutcome(planned, retry_failed)
-        todo = to_train(planned, retry_failed)
-        if todo:
+        if to_train(planned, retry_failed):
             with watching(planned, retry_failed, display):
-                if launcher == "basic":
-                    outcome.outcomes = train_all(todo, retry_failed, display)
-                else:
-                    outcome.outcomes = hydra_multirun(overrides, HydraTask(retry_failed), config_dir)
+                outcome.outcomes = hydra_multirun(overrides, HydraTask(retry_failed), config_dir)
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -11,12 +11,15 @@ and runs no Hydra callback or launcher. It scales to sweeps of many thousand job
   of the settings they read (`CheckCache`), so a grid over seeds and learning rates builds one
   model per model/norm/batch combination, and each dataset is read once.
 
-`iter_plan` yields the jobs one by one, so training can start before planning ends.
+`iter_plan` yields the jobs one by one, and `PlanningThread` runs it beside the training, so a long
+sweep can train its first runs before planning ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +117,13 @@ def check_job(overrides: list[str], composed, clean: bool = True, check: Callabl
     return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost, rid)
 
 
-def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False
-              ) -> Iterator[Planned]:
+def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False,
+              on_expanded: Callable[[int], None] | None = None) -> Iterator[Planned]:
     """Expand a sweep and yield, job by job, whether it is new, done, failed or invalid.
 
     A config that Hydra cannot compose (a typo, a value of the wrong type) stops the sweep with a
     `UserError`; a config that composes but cannot run is planned as invalid, and planning goes on.
+    `on_expanded` is told the number of jobs before the first is planned.
     """
     from normbench.data import forget_failures
 
@@ -129,11 +133,66 @@ def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_ru
         check_bookkeeping(primary)
         results.check_writable(Path(str(primary.results_dir)).expanduser(), create=False)
         composer, check = JobComposer(hydra, primary), CheckCache()
-        for job in expand_jobs(hydra, primary):
+        jobs = expand_jobs(hydra, primary)
+        if on_expanded:
+            on_expanded(len(jobs))
+        for job in jobs:
             yield check_job(job, composer.compose(job), clean=not dry_run, check=check)
     finally:
         forget_failures()
         GlobalHydra.instance().clear()
+
+
+class PlanningThread(threading.Thread):
+    """`iter_plan` in a thread, so that a long sweep trains its first runs while the rest is planned.
+
+    Iterating over it gives the planned jobs in order, as they come; `planned` holds those so far,
+    `expanded` is set once the number of jobs (`total`) is known and `done` once planning has ended.
+    A planning error is raised in the iterating thread before it takes the next job.
+    """
+
+    _END = object()
+
+    def __init__(self, overrides: list[str], config_dir: str | Path | None = None,
+                 on_planned: Callable[[Planned], None] | None = None):
+        super().__init__(daemon=True, name="normbench-planning")
+        self.on_planned = on_planned or (lambda p: None)
+        self.jobs = iter_plan(overrides, config_dir, on_expanded=self._expanded)
+        self.planned: list[Planned] = []
+        self.total: int | None = None
+        self.error: BaseException | None = None
+        self.expanded, self.done, self.stopping = threading.Event(), threading.Event(), threading.Event()
+        self._handed: queue.Queue = queue.Queue()
+
+    def _expanded(self, total: int) -> None:
+        self.total = total
+        self.expanded.set()
+
+    def run(self) -> None:
+        try:
+            for p in self.jobs:
+                if self.stopping.is_set():
+                    break
+                self.planned.append(p)
+                self.on_planned(p)
+                self._handed.put(p)
+        except BaseException as e:  # noqa: BLE001 - raised in the thread that takes the jobs
+            self.error = e
+        finally:
+            self.jobs.close()  # iter_plan's cleanup (Hydra's global state) runs in this thread
+            self.expanded.set()
+            self.done.set()
+            self._handed.put(self._END)
+
+    def __iter__(self) -> Iterator[Planned]:
+        while self.error is None and (p := self._handed.get()) is not self._END:
+            yield p
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
 
 
 def plan(overrides: list[str], config_dir: str | Path | None = None,
