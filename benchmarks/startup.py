@@ -62,8 +62,9 @@ def main() -> None:
     print(f"{'command':<28} {'median s':>9} {'min s':>7} {'target s':>9}")
     for name, seconds in times.items():
         target = TARGETS.get(name)
-        mark = "" if target is None else f"{target:>9.1f}" + ("  ok" if statistics.median(seconds) < target else "  over")
-        print(f"{name:<28} {statistics.median(seconds):>9.2f} {min(seconds):>7.2f} {mark}")
+        median = statistics.median(seconds)
+        mark = "" if target is None else f"{target:>9.1f}" + ("  ok" if median < target else "  over")
+        print(f"{name:<28} {median:>9.2f} {min(seconds):>7.2f} {mark}")
 
 
 if __name__ == "__main__":

@@ -47,12 +47,17 @@ def test_group_choices_scalars_nested_keys_and_enums_compose_as_hydra_does(tmp_p
 
 def test_added_deleted_interpolated_and_badly_typed_values_compose_as_hydra_does(tmp_path):
     # the sweeper resolves ${...} in its own overrides; a job's overrides can still hold one (given here)
-    jobs = [[norm, groups, "~keep_checkpoint", "eval_batch_size=${batch_size}", batch, shifts, f"results_dir={tmp_path}"]
+    jobs = [[norm, groups, "~keep_checkpoint", "eval_batch_size=${batch_size}", batch, shifts,
+             f"results_dir={tmp_path}"]
             for norm in ("norm=ln", "norm=gn") for groups in ("++norm.num_groups=2", "++norm.num_groups=4")
-            for batch in ("batch_size=8", "batch_size=eight") for shifts in ("eval.shifts=[contrast:0.5]", "eval.shifts=[]")]
+            for batch in ("batch_size=8", "batch_size=eight")
+            for shifts in ("eval.shifts=[contrast:0.5]", "eval.shifts=[]")]
     quick, full, counts = both_ways([f"results_dir={tmp_path}"], jobs=jobs)
     assert quick == full
     assert counts["overrides"] == len(jobs) and counts["values"] == 0
+    missing, _, _ = both_ways([f"results_dir={tmp_path}"], jobs=[["name=???"], ["data.root=???"]])
+    assert missing == [outcome(lambda: compose(["name=???"])), outcome(lambda: compose(["data.root=???"]))]
+    assert all(isinstance(m, str) for m in missing)
     good = [q for q in quick if not isinstance(q, str)]
     assert {(q.norm.num_groups, q.eval_batch_size, q.batch_size, tuple(q.eval.shifts)) for q in good} == \
         {(g, 8, 8, s) for g in (2, 4) for s in (("contrast:0.5",), ())}

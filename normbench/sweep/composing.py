@@ -61,6 +61,17 @@ class _Base:
         return self.leaves[key]
 
 
+def _plain_setting(override) -> bool:
+    """Whether an override only sets a value: ``dotted.key=scalar``. "???" (missing) and "${...}" are not
+    plain values: OmegaConf gives them meanings of their own."""
+    value = override.value()
+    if override.is_delete() or override.is_add() or override.is_force_add() or override.package is not None:
+        return False
+    if isinstance(value, str) and ("${" in value or value == "???"):
+        return False
+    return isinstance(value, SCALARS) and DOTTED_KEY.fullmatch(override.key_or_group) is not None
+
+
 def _has_interpolation(cfg) -> bool:
     """Whether any value in `cfg` is an interpolation (``${...}``), which a changed value could feed."""
     for key in (cfg.keys() if OmegaConf.is_dict(cfg) else range(len(cfg))):
@@ -148,9 +159,7 @@ class JobComposer:
         settings = []
         for override in values:
             value = override.value()
-            if override.is_delete() or override.is_add() or override.is_force_add() or override.package is not None \
-                    or not isinstance(value, SCALARS) or (isinstance(value, str) and "${" in value) \
-                    or not DOTTED_KEY.fullmatch(override.key_or_group):
+            if not _plain_setting(override):
                 return None
             leaf = base.leaf(override.key_or_group)
             if leaf is None:
