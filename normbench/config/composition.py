@@ -41,7 +41,10 @@ def to_config(cfg) -> Config:
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     reject_unknown_keys(cfg, "")
-    config = OmegaConf.to_object(cfg)
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # a missing value ("???"), an interpolation that does not resolve
+        raise UserError(clean_hydra_error(e)) from e
     validate(config)
     return config
 
