@@ -615,3 +615,22 @@ def test_odd_fields_in_sweeps_json_do_not_crash_the_report(tmp_path):
     (tmp_path / "default" / "sweeps.json").write_text('[{"command": "x", "seconds": "slow", "trained": true}]')
     text = report.write(report.build(tmp_path / "default")).read_text()
     assert "`x`: ? trained, ? already done, ? failed, ?" in text
+
+
+def test_dry_run_counts_planned_jobs_on_a_terminal_only():
+    import io
+
+    from rich.console import Console
+
+    from normbench.display import planning_count
+
+    live = Console(file=io.StringIO(), force_terminal=True, width=80)
+    with planning_count(live) as planned_one:
+        for _ in range(3):
+            planned_one()
+    assert "planning: 3 jobs" in live.file.getvalue()  # drawn when the count stops, then cleared
+    plain = Console(file=io.StringIO(), force_terminal=False)
+    with planning_count(plain) as planned_one:
+        for _ in range(1000):
+            planned_one()
+    assert plain.file.getvalue() == ""  # off a terminal: no line per planned job
