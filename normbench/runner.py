@@ -245,6 +245,7 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
     device = resolve_device(cfg.device)
     data, model = prepare(cfg, device)
     with results.run_lock(folder):  # raises results.Busy while another process trains this run
+        results.adopt_legacy(cfg, folder, holding_lock=True)  # a finished run under its 0.2 name (gn8, bn_shared) moves here
         recover(folder)
         done = finished_summary(folder, cfg)
         retrain = replace is True or (replace and done is not None and done["status"] in replace)

@@ -23,7 +23,9 @@ from normbench.config.safety import (
     INSTANTIATED_HYDRA_KEYS, RUNS_CODE, USER_HYDRA_KEYS, check_config_dir, check_overrides, search_path_overrides,
 )
 from normbench.config.composition import CONFIG_MODULE, compose, to_config
-from normbench.config.ids import HASHED_WHEN_SET, NOT_HASHED, config_hash, dict_hash, effective_lr, run_id, to_dict
+from normbench.config.ids import (
+    HASHED_WHEN_SET, NOT_HASHED, config_hash, dict_hash, effective_lr, legacy_run_id, run_id, to_dict,
+)
 
 __all__ = [
     "AT_LEAST_ONE", "CONFIG_MODULE", "DATASET_CLASSES", "FOLDER", "GROUPS", "HASHED_WHEN_SET", "INSTANTIATED_HYDRA_KEYS",
@@ -34,6 +36,6 @@ __all__ = [
     "OptimConfig", "PerfConfig", "Position", "Precision", "RNNConfig", "RecurrentStats", "ResNetConfig", "Residual",
     "SGDConfig", "Schedule", "SyntheticConfig",
     "check_config_dir", "check_overrides", "clean_hydra_error", "compose", "config_hash", "dict_hash", "effective_lr",
-    "optional", "parse_shift", "register_schemas", "run_id", "search_path_overrides", "shift_name", "to_config",
+    "legacy_run_id", "optional", "parse_shift", "register_schemas", "run_id", "search_path_overrides", "shift_name", "to_config",
     "to_dict", "validate",
 ]

@@ -147,3 +147,15 @@ def run_id(cfg: Config) -> str:
     """Readable, stable run folder name: the model, the norm's label (`norm_label`), batch size, seed and the
     config hash."""
     return f"{cfg.model.name}-{norm_label(to_dict(cfg)['norm'])}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(cfg)}"
+
+
+def legacy_run_id(cfg: Config, rid: str | None = None) -> str | None:
+    """The run id normbench 0.2 gave this config, where it differs from `run_id` (`rid`, when known):
+    before labels, a norm variant (gn8, bn_shared, gn with num_groups=4) was named by its norm's name
+    alone. Finished runs under such an id are adopted (renamed), not trained again."""
+    rid = rid or run_id(cfg)
+    head, tail = f"{cfg.model.name}-", f"-b{cfg.batch_size}-s{cfg.seed}-"
+    cut = rid.rfind(tail)
+    if not rid.startswith(head) or cut < len(head) or rid[len(head):cut] == cfg.norm.name:
+        return None
+    return f"{head}{cfg.norm.name}{rid[cut:]}"

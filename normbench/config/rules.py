@@ -12,9 +12,9 @@ from typing import Any
 
 from normbench.config.messages import _shown
 from normbench.config.schemas import (
-    SCHEMAS, AdamConfig, BNConfig, BRNConfig, CNNConfig, Config, DataConfig, EvalConfig, EvoNormConfig,
-    FusedActConfig, GNConfig, MLPConfig, NoiseConfig, NormConfig, OptimConfig, Position, ResNetConfig, RNNConfig,
-    SGDConfig, SyntheticConfig,
+    SCHEMAS, AdamConfig, BatchStatsProbeConfig, BNConfig, BRNConfig, CNNConfig, Config, DataConfig, EvalConfig,
+    EveryConfig, EvoNormConfig, FusedActConfig, GNConfig, LandscapeProbeConfig, MLPConfig, NoiseConfig, NormConfig,
+    OptimConfig, Position, ResNetConfig, RNNConfig, SGDConfig, SyntheticConfig,
 )
 from normbench.errors import UserError
 
@@ -72,11 +72,23 @@ SHIFTS = Must(_valid_shifts, "a list of distinct KIND:SEVERITY, KIND one of cont
 
 # Every setting with a range, per schema (a subclass inherits its parents' lines). Enums and booleans are
 # checked by their types; each group's `name` is checked against the schema it is set in (`_check_kinds`).
+def _distinct(test: Callable[[Any], bool]) -> Callable[[list], bool]:
+    return lambda values: bool(values) and len(set(values)) == len(values) and all(test(v) for v in values)
+
+
+EVERY = optional(NON_NEGATIVE)  # a probe's steps between measurements; 0 or null: off
 RULES: dict[type, dict[str, Must]] = {
     Config: {"batch_size": POSITIVE, "epochs": POSITIVE, "lr": POSITIVE, "base_batch_size": POSITIVE,
              "seed": SEED, "eval_batch_size": POSITIVE, "results_dir": FOLDER,
              "norm_batch_size": optional(POSITIVE), "threads": optional(POSITIVE)},
     EvalConfig: {"precise_bn_samples": POSITIVE, "shifts": SHIFTS},
+    BatchStatsProbeConfig: {"every": EVERY, "samples": Must(lambda v: v >= 2, ">= 2"),
+                            "sizes": Must(_distinct(lambda b: b >= 1), "a non-empty list of distinct batch sizes >= 1"),
+                            "quantiles": Must(lambda qs: bool(qs) and all(0 <= q <= 1 for q in qs),
+                                              "a non-empty list of values in [0, 1]")},
+    LandscapeProbeConfig: {"every": EVERY,
+                           "lr_multiples": Must(_distinct(lambda m: m > 0), "a non-empty list of distinct values > 0")},
+    EveryConfig: {"every": EVERY},
     NormConfig: {"eps": POSITIVE},
     BNConfig: {"momentum": optional(UNIT_OPEN_CLOSED)},
     NoiseConfig: {"mean": NON_NEGATIVE, "std": NON_NEGATIVE},

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from normbench.config import Config, dict_hash, run_id, to_dict
+from normbench.config import Config, dict_hash, legacy_run_id, run_id, to_dict
 from normbench.errors import UserError
 from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, remove_stale_temp_files
-from normbench.results.locks import Busy, run_lock
+from normbench.results.locks import Busy, is_locked, run_lock
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where a table is read or written: planning a sweep needs none
@@ -44,6 +44,38 @@ def experiment_dir(cfg: Config) -> Path:
 def run_dir(cfg: Config, rid: str | None = None) -> Path:
     """<results_dir>/<name>/<run id>, resolved inside the results dir; `rid`: the run id, when already known."""
     return inside(results_root(cfg), experiment_dir(cfg) / (rid or run_id(cfg)))
+
+
+def adopt_legacy(cfg: Config, folder: Path, holding_lock: bool = False) -> bool:
+    """Move a finished run of this config from its normbench 0.2 folder name (`legacy_run_id`) to
+    `folder`, when `folder` does not exist yet: the result is kept, not trained again. One rename, so
+    the run is under exactly one of the two names at any moment. `holding_lock`: the caller holds the
+    run's lock (else a run being trained under the new name is left alone). Returns whether it moved one."""
+    old = legacy_summary(cfg, folder)
+    if old is None:
+        return False
+    if not holding_lock and is_locked(folder):  # the new name is being trained right now: leave both alone
+        return False
+    try:
+        old[0].rename(folder)
+    except FileNotFoundError:  # another process adopted it first
+        return folder.exists()
+    except OSError:  # the new folder appeared meanwhile (not empty): keep the old one where it is
+        return False
+    return True
+
+
+def legacy_summary(cfg: Config, folder: Path) -> tuple[Path, dict] | None:
+    """(folder, summary) of a finished run of this config under its normbench 0.2 name, if `folder`
+    does not exist and there is one to adopt (see `adopt_legacy`)."""
+    old_id = legacy_run_id(cfg, folder.name)
+    if old_id is None or folder.exists():
+        return None
+    old = inside(results_root(cfg), folder.parent / old_id)
+    summary = read_summary(old)
+    if summary is None or summary.get("status") not in FINISHED or summary.get("config_hash") != dict_hash(to_dict(cfg)):
+        return None
+    return old, summary
 
 
 def write_config(folder: Path, cfg: Config) -> None:

@@ -63,7 +63,10 @@ def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[
     another process now) or its finished status, with the summary it was read from (None when there is
     none for this config). `rid`: the config's run id, when already known."""
     folder = results.run_dir(cfg, rid)
-    summary = results.read_summary(folder)
+    if clean:
+        results.adopt_legacy(cfg, folder)  # a finished run under its 0.2 name (gn8, bn_shared) moves here
+    legacy = None if clean else results.legacy_summary(cfg, folder)  # --dry-run: report it, move nothing
+    summary = legacy[1] if legacy else results.read_summary(folder)
     if summary is None or summary.get("config_hash") != config_hash(cfg):
         return ("busy" if results.is_locked(folder) else "new"), None
     status = summary.get("status")
