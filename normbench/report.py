@@ -87,7 +87,7 @@ def _unswept_differences(runs: pd.DataFrame, sweeps: list[dict]) -> list[str]:
     swept = set()
     for sweep in sweeps:
         mine = runs[runs.run_id.isin(set(sweep.get("runs") or []))]
-        swept.update(c for c in extra if mine[c].astype(str).nunique() > 1)
+        swept.update(c for c in extra if analysis.tables.as_text(mine[c]).nunique() > 1)
     unswept = [c for c in extra if c not in swept]
     if not unswept:
         return []
@@ -284,7 +284,8 @@ def _sweep_line(sweep: dict) -> str:
 def rich_pivot(report: Report) -> Table:
     """The pivot as a Rich table, for the end of a sweep."""
     pv = report.pivot.reset_index()
-    table = Table(title=f"{report.experiment.name}: test accuracy (%), mean ± 95% interval", header_style="bold")
+    title = f"{report.experiment.name}: test accuracy (%), mean ± 95% interval"
+    table = Table(title=title, header_style="bold", min_width=len(title) + 4)  # a title never wraps
     for col in pv.columns:
         table.add_column(_heading(col), justify="right" if isinstance(col, (int, float)) else "left")
     for row in pv.itertuples(index=False):

@@ -435,3 +435,22 @@ def test_runs_table_has_a_column_per_test_time_shift():
                "shifts": {"contrast:0.5": {"test_acc": 51.6, "test_acc_adapted": None}}}
     row = runs_table([summary]).iloc[0]
     assert row["test_acc@contrast:0.5"] == 51.6 and np.isnan(row["test_acc_adapted@contrast:0.5"])
+
+
+def test_a_setting_some_runs_leave_unset_keeps_their_rows(tmp_path):
+    """norm_batch_size null (the whole batch) beside set values: those runs stay in every table, shown "-",
+    and the set values sort as numbers (pandas' groupby and pivot_table drop missing keys by default)."""
+    from conftest import tiny_run_overrides
+    from normbench import analysis, results, runner
+    from normbench.config import compose
+
+    base = tiny_run_overrides(tmp_path / "r", batch_size=8)
+    for extra in (["norm_batch_size=2"], ["norm_batch_size=4"], [], ["batch_size=16"]):
+        runner.execute(compose([*base, *extra]))
+    summaries, _, _ = results.scan(tmp_path / "r" / "default")
+    runs = analysis.runs_table(summaries)
+    summary = analysis.summary_table(runs)
+    assert len(summary) == 4 and summary.n.sum() == 4
+    pivot = analysis.pivot(summary)
+    assert [key[2] for key in pivot.index] == ["2", "4", "-"]  # data, model, norm_batch_size, norm
+    assert (pivot.loc[pivot.index[2]] != "-").sum() == 2  # the unset row has its batch 8 and 16 cells

@@ -37,8 +37,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+def as_text(values: pd.Series) -> pd.Series:
+    """Each value as str() writes it, a missing one as "nan" (pandas' own astype(str) keeps NaN missing
+    since pandas 3), so keys built from settings that some runs leave unset still match and join."""
+    return values.map(lambda v: "nan" if v is None or (isinstance(v, float) and v != v) else str(v)).astype(object)
+
+
 def _varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
-    return [c for c in columns if frame[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in columns if as_text(frame[c]).nunique(dropna=False) > 1]
 
 
 def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
@@ -85,7 +91,7 @@ def _shift_columns(shifts: dict) -> dict:
 def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
     """'cnn', or 'cnn(channels=(16,32))' where runs with the same name differ in other keys."""
     name_col = f"config.{group}.name"
-    labels = frame[name_col].astype(str).copy()
+    labels = as_text(frame[name_col]).copy()
     for name, rows in frame.groupby(name_col):
         keys = [c for c in _varying(rows, columns) if c != name_col]
         for i, row in rows.iterrows():
@@ -121,7 +127,7 @@ def panel_columns(frame: pd.DataFrame) -> list[str]:
 def _planned_seeds(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     """Per run: how many seeds its panel has. Every condition of a panel is meant to run all of them."""
     panel = [k for k in keys if k not in ("norm", "batch_size")]
-    key = runs[panel].astype(str).agg("|".join, axis=1)
+    key = runs[panel].apply(as_text).agg("|".join, axis=1)
     return runs.seed.groupby(key).transform("nunique")
 
 
@@ -184,16 +190,37 @@ def cell_text(row: pd.Series) -> str:
 def pivot(summary: pd.DataFrame) -> pd.DataFrame:
     """Rows: (data, model, ..., norm); columns: batch sizes; cells from `cell_text`."""
     cells = summary.assign(cell=[cell_text(row) for _, row in summary.iterrows()])
-    table = cells.pivot_table(index=panel_columns(summary) + ["norm"], columns="batch_size", values="cell",
-                              aggfunc="first")
-    return table.fillna("-")
+    index = panel_columns(summary) + ["norm"]
+    # A setting some runs leave unset (norm_batch_size null: the whole batch) is shown as "-", not dropped
+    # (pivot_table leaves out rows with a missing key), and whole numbers without ".0".
+    cells[index] = cells[index].apply(lambda col: col.map(_key_text))
+    table = cells.pivot_table(index=index, columns="batch_size", values="cell", aggfunc="first")
+    return table.reindex(sorted(table.index, key=_natural)).fillna("-")
+
+
+def _natural(key) -> tuple:
+    """Rows in numeric order where a key is a number (2, 4, 16, not 16, 2, 4); "-" (unset) after them."""
+    def part(v: str) -> tuple:
+        try:
+            return (0, float(v), "")
+        except ValueError:
+            return (1 if v != "-" else 2, 0.0, v)
+    return tuple(part(str(v)) for v in (key if isinstance(key, tuple) else (key,)))
+
+
+def _key_text(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def runs_of(runs: pd.DataFrame, where: dict) -> pd.DataFrame:
     """The completed runs that match every key of `where`."""
     mask = np.ones(len(runs), dtype=bool)
     for k, v in where.items():
-        mask &= (runs[k].astype(str) == str(v)).to_numpy()
+        mask &= (as_text(runs[k]) == as_text(pd.Series([v]))[0]).to_numpy()
     return runs[mask & (runs.status == "completed").to_numpy()]
 
 

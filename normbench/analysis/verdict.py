@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis.stats import diff_ci, no_interval, paired_ci, recovered_share
-from normbench.analysis.tables import LOST, bn_label, panel_columns, runs_of
+from normbench.analysis.tables import LOST, as_text, bn_label, panel_columns, runs_of
 
 
 def _match(frame: pd.DataFrame, where: dict) -> pd.DataFrame:
     mask = np.ones(len(frame), dtype=bool)
     for k, v in where.items():
-        mask &= (frame[k].astype(str) == str(v)).to_numpy()
+        mask &= (as_text(frame[k]) == as_text(pd.Series([v]))[0]).to_numpy()
     return frame[mask]
 
 
