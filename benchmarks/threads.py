@@ -6,7 +6,7 @@ using every core, as another training job would) shares it. Part 2 runs one smal
 quiet and busy, each with `threads=null` (normbench's choice) and with one thread per core (torch's
 default, what normbench did before). Ratios within a part come from one run of this script.
 
-    .venv/bin/python benchmarks/threads.py [--data-root ../shared/data/mnist-t10k-split] [--skip-sweep]
+    .venv/bin/python benchmarks/threads.py [--data-root ../shared/data/mnist-t10k-split] [--skip-sweep] [--skip-steps]
 
 Run it on an otherwise idle machine: the "quiet" rows assume nothing else runs.
 """
@@ -114,9 +114,11 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/mnist-t10k-split"))
     parser.add_argument("--seconds", type=float, default=1.5, help="per measurement")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {threads.cores()} cores, load {os.getloadavg()[0]:.2f} at the start\n")
-    part1(args.seconds)
+    if not args.skip_steps:
+        part1(args.seconds)
     if not args.skip_sweep:
         part2(args.data_root)
 

@@ -5,8 +5,12 @@ torch's default, one thread per core, suits steps with much arithmetic. A small 
 machine, and on a busy one its threads wait for each other at every kernel: there it ran nine times
 slower with two threads than with one. So with ``threads: null`` a run whose training step does less
 than `SMALL_STEP_MACS` of arithmetic uses one thread, and any other run the process's whole share of the
-cores (all of them; a sweep worker's share with ``--jobs``). ``threads: N`` sets it outright. The count
-a run used is recorded in its summary. On a GPU the choice only affects the host side.
+cores (all of them; a sweep worker's share with ``--jobs``), unless the machine is busy when the run
+starts: with other processes on the cores, one thread was faster for every model and batch size
+measured (benchmarks/threads.py), so then every run gets one. Busy means a 1-minute load average above
+the cores plus one half (this process's own runs count in it, so a quiet machine running a sweep stays
+at or below the cores). ``threads: N`` sets it outright. The count a run used is recorded in its
+summary. On a GPU the choice only affects the host side.
 
 The thread count can change a result in its last bits (reductions split differently), like the device;
 it is not part of the run id.
@@ -38,8 +42,16 @@ def share() -> int:
     return _share or cores()
 
 
+def busy() -> bool:
+    """Whether other work shares the cores now (1-minute load average above cores + 0.5)."""
+    try:
+        return os.getloadavg()[0] > cores() + 0.5
+    except (AttributeError, OSError):  # no load average on this platform
+        return False
+
+
 def choose(threads: int | None, batch_size: int, macs_per_sample: int) -> int:
-    """The thread count for a run: `threads` when set, else by its step's arithmetic."""
+    """The thread count for a run: `threads` when set, else by its step's arithmetic and the machine's load."""
     if threads is not None:
         return threads
-    return 1 if batch_size * macs_per_sample < SMALL_STEP_MACS else share()
+    return 1 if batch_size * macs_per_sample < SMALL_STEP_MACS or busy() else share()

@@ -10,9 +10,12 @@ from normbench.errors import UserError
 
 from conftest import tiny_run_overrides
 
+REAL_BUSY = threads.busy  # before the fixture below replaces it
+
 
 @pytest.fixture(autouse=True)
-def restore_threads():
+def restore_threads(monkeypatch):
+    monkeypatch.setattr(threads, "busy", lambda: False)  # the tests' own load must not decide
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -33,6 +36,19 @@ def test_the_run_uses_and_records_its_thread_count(results_dir, setting, expecte
     summary = runner.execute(cfg).summary
     assert summary["threads"] == expected
     assert results.read_summary(results.run_dir(cfg))["threads"] == expected
+
+
+def test_on_a_busy_machine_every_run_gets_one_thread(monkeypatch):
+    monkeypatch.setattr(threads, "busy", lambda: True)
+    assert threads.choose(None, 32, 7_452_416) == 1
+    assert threads.choose(2, 32, 7_452_416) == 2  # unless set outright
+
+
+def test_busy_reads_the_load_average(monkeypatch):
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (threads.cores() + 1.0, 0.0, 0.0))
+    assert REAL_BUSY()
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (threads.cores() * 1.0, 0.0, 0.0))
+    assert not REAL_BUSY()
 
 
 def test_threads_is_validated_and_not_part_of_the_run_id(results_dir):
