@@ -99,20 +99,84 @@ def show_config(overrides: Overrides = None, config_dir: ConfigDir = None) -> No
         typer.echo(text, nl=False)  # plain: no markup, no wrapping, valid YAML
 
 
-def _choices(group: str, config_dir: Path | None) -> dict[str, str]:
-    """Option name -> the first comment line of its YAML, packaged first, then the user's."""
-    folders = [resources.files("normbench.conf") / group]
+def _description(text: str, preset: bool) -> str:
+    """A YAML's description: its first comment paragraph, whole; for a preset also its run count and
+    its `# Time:` line (measured on a 2-core CPU)."""
+    comments = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("#") and "@package" not in ln]
+    paragraph = []
+    for line in comments:
+        if not line:
+            if paragraph:
+                break
+            continue
+        paragraph.append(line)
+    words = " ".join(paragraph)
+    if preset:
+        runs = _preset_runs(text)
+        time = _time_line(comments)
+        words += f" [{runs} runs" if runs else " ["
+        words += (f"; {time}]" if time else "]") if runs or time else ""
+        words = words.replace(" []", "")
+    return words
+
+
+def _time_line(comments: list[str]) -> str | None:
+    """A preset's `# Time:` sentence, with its continuation lines (up to a blank line or the command)."""
+    for i, line in enumerate(comments):
+        if line.lower().startswith("time:"):
+            words = [line.split(":", 1)[1].strip()]
+            for more in comments[i + 1:]:
+                if not more or more.startswith(("normbench ", "-")):
+                    break
+                words.append(more)
+            return " ".join(words)
+    return None
+
+
+def _preset_runs(text: str) -> int | None:
+    """The number of runs a preset's sweep grid makes (hydra.sweeper.params crossed with the union of
+    hydra.sweeper.grids), from its YAML alone; None where a value is not a plain list or range."""
+    import yaml
+
+    try:
+        sweeper = ((yaml.safe_load(text) or {}).get("hydra") or {}).get("sweeper") or {}
+        size = _grid_size(sweeper.get("params") or {})
+        grids = sweeper.get("grids")
+        return size * sum(_grid_size(g) for g in grids) if grids else size
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _grid_size(grid: dict) -> int:
+    size = 1
+    for value in grid.values():
+        text = str(value).strip()
+        if text.startswith("range(") and text.endswith(")"):
+            size *= len(range(*(int(a) for a in text[6:-1].split(","))))
+        elif not any(c in text for c in "()[]{}*$"):
+            size *= len(text.split(","))
+        else:
+            raise ValueError(text)
+    return size
+
+
+def _choices(group: str, config_dir: Path | None) -> dict[str, tuple[str, bool]]:
+    """Option name -> (its description, whether it comes from the user's config folder), packaged first;
+    a user's YAML of the same name is the one Hydra uses."""
+    folders = [(resources.files("normbench.conf") / group, False)]
     if config_dir:
-        folders.append(Path(config_dir) / group)
+        folders.append((Path(config_dir) / group, True))
     found = {}
-    for folder in folders:
+    for folder, yours in folders:
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
             if entry.name.endswith(".yaml"):
-                comments = [ln.lstrip("# ").strip() for ln in entry.read_text().splitlines()
-                            if ln.startswith("#") and "@package" not in ln]
-                found[entry.name[:-5]] = comments[0] if comments else ""
+                try:
+                    text = entry.read_text()
+                except (OSError, UnicodeDecodeError) as e:
+                    text = f"# (cannot read it: {e})"
+                found[entry.name[:-5]] = (_description(text, group == "experiment"), yours)
     return found
 
 
@@ -129,12 +193,14 @@ def list_choices(config_dir: ConfigDir = None) -> None:
     """List the datasets, models, norms, optimizers and experiment presets."""
     for group in _groups():
         table = Table(title=f"{group}  ({group}=NAME)", title_justify="left", show_header=False, box=None)
-        table.add_column(style="bold cyan")
-        table.add_column()
-        for name, description in _choices(group, config_dir).items():
-            table.add_row(name, description)
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column(overflow="fold")  # wrapped at word boundaries on a terminal; never cut short
+        for name, (description, yours) in _choices(group, config_dir).items():
+            table.add_row(name + (" *" if yours else ""), escape(description))
         console.print(table)
         console.print()
+    if config_dir:
+        console.print(f"* from your config folder {config_dir}")
 
 
 PLAN_TABLE_ROWS = 500  # a longer plan is printed as plain lines: a table that long is slow and no easier to read
@@ -144,19 +210,27 @@ def _print_plan(planned) -> None:
     from normbench.config import run_id
 
     shared = set.intersection(*(set(p.overrides) for p in planned)) if planned else set()
+    causes: dict[str, int] = {}  # each distinct reason a job is invalid, numbered once: not 100 copies
+    for p in planned:
+        if p.state == "invalid":
+            causes.setdefault(str(p.error), len(causes) + 1)
     rows = [(str(i), " ".join(o for o in p.overrides if o not in shared) or p.label,
-             (p.run_id or run_id(p.cfg)) if p.cfg else "-", p.state, p.error if p.state == "invalid" else None)
+             (p.run_id or run_id(p.cfg)) if p.cfg else "-", p.state,
+             causes[str(p.error)] if p.state == "invalid" else None)
             for i, p in enumerate(planned)]
     if len(rows) > PLAN_TABLE_ROWS:
-        typer.echo("\n".join(f"{i:>6}  {state:<9}  {rid:<40}  {varying}" + (f"  invalid: {error}" if error else "")
-                             for i, varying, rid, state, error in rows))
-        return
-    table = Table(title="runs", header_style="bold")
-    for col in ("#", "overrides", "run id", "state"):
-        table.add_column(col)
-    for i, varying, rid, state, error in rows:
-        table.add_row(i, escape(varying), rid, f"[red]invalid: {escape(error)}[/red]" if error else state)
-    console.print(table)
+        typer.echo("\n".join(f"{i:>6}  {state:<9}  {rid:<40}  {varying}" + (f"  (why: {cause})" if cause else "")
+                             for i, varying, rid, state, cause in rows))
+    else:
+        table = Table(title="runs", header_style="bold")
+        for col in ("#", "overrides", "run id", "state"):
+            table.add_column(col)
+        for i, varying, rid, state, cause in rows:
+            table.add_row(i, escape(varying), rid, f"[red]invalid ({cause})[/red]" if cause else state)
+        console.print(table)
+    for why, cause in causes.items():
+        count = sum(1 for row in rows if row[4] == cause)
+        console.print(f"[red]({cause})[/red] {count} {'run' if count == 1 else 'runs'}: {escape(why)}", soft_wrap=True)
 
 
 def _counts(planned, retry_failed: bool) -> str:
@@ -192,6 +266,10 @@ def sweep(
                 planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
             _print_plan(planned)
             console.print(_counts(planned, retry_failed))
+            todo = sweeps.to_train(planned, retry_failed)
+            if todo:
+                console.print(f"estimated training time: {_duration(sweeps.estimated_seconds(todo))} sequentially "
+                              "on a 2-core CPU like ours (the planner's cost estimate; measured within 2× per run)")
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
         from normbench import report
         from normbench.progress import SweepDisplay
@@ -206,17 +284,32 @@ def sweep(
                 raise
             reports = []  # nothing finished: the failures below say why
         for rep, path in reports:
-            console.print(report.rich_pivot(rep))
-            for panel, sentences in rep.verdict.items():
-                console.print(f"[bold]{escape(panel)}[/bold]")
-                for sentence in sentences:
-                    console.print(f"  {escape(sentence)}")
-            console.print(f"report: {path}")
+            _print_report(rep, path)
     console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
                   + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
     if outcome.failures:
         _print_failures(outcome.failures)
         raise typer.Exit(1)
+
+
+def _print_report(rep, path: Path) -> None:
+    """The pivot and the verdict, as report.md has them, and where report.md is."""
+    from normbench import report
+
+    console.print(report.rich_pivot(rep))
+    for panel, sentences in rep.verdict.items():
+        console.print(f"[bold]{escape(panel)}[/bold]")
+        for sentence in sentences:
+            console.print(f"  {escape(sentence)}", soft_wrap=True)
+    console.print(f"report: {path}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def _print_failures(failures: list[tuple[str, str]]) -> None:
@@ -245,9 +338,7 @@ def make_report(
             rep = report.build(experiment)
             for warning in rep.warnings:
                 console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
-            path = report.write(rep)
-            console.print(report.rich_pivot(rep))
-            console.print(f"report: {path}")
+            _print_report(rep, report.write(rep))
 
 
 def _has_runs(folder: Path) -> bool:

@@ -8,13 +8,33 @@ in `normbench.progress`.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import Progress as RichBar, SpinnerColumn, TextColumn
 from rich.table import Table
 
-console = Console(highlight=False)
+PLAIN_WIDTH = 1000  # off a terminal: lines as long as their content, never cut at 80 columns
+
+
+class _Console(Console):
+    """A Console that, off a terminal (a pipe, a log file, CI), lays tables and sentences out at their
+    natural width instead of Rich's default 80 columns, which split cells like "94.0 ± 2.6" over two
+    lines. COLUMNS, when set, still wins."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(PLAIN_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console(highlight=False)
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -31,7 +51,7 @@ def summary_table(summary: dict) -> Table:
     cfg = summary["config"]
     title = (f"{cfg['model']['name']} / {norm_label(cfg['norm'])} / {cfg['data']['name']}, "
              f"batch {cfg['batch_size']}, seed {cfg['seed']}: {summary['status']}")
-    table = Table(title=title, show_header=True, header_style="bold")
+    table = Table(title=title, show_header=True, header_style="bold", min_width=len(title) + 4)  # title on one line
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [

@@ -436,9 +436,19 @@ def test_dry_run_lists_runs_and_trains_nothing(tmp_path, trained):
 def test_dry_run_with_an_invalid_combination_exits_1(tmp_path, trained):
     result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny(tmp_path, "norm=bn,in")])
     assert result.exit_code == 1, result.output
-    assert "invalid: norm 'in' (instance norm) is undefined on flat features" in result.output
+    assert "invalid (1)" in result.output
+    assert "(1) 1 run: norm 'in' (instance norm) is undefined on flat features" in result.output
     assert "2 runs: 1 to train, 0 already done, 0 failed, 1 invalid" in result.output
     assert trained == [] and run_folders(tmp_path / "default") == []
+
+
+def test_dry_run_names_each_cause_of_invalid_jobs_once(tmp_path, trained):
+    """Twelve jobs invalid for one reason: one numbered line with the reason, not twelve copies."""
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny(tmp_path, "norm=bn,in", "seed=range(12)")])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("is undefined on flat features") == 1
+    assert "(1) 12 runs: norm 'in' (instance norm) is undefined on flat features" in result.output
+    assert result.output.count("invalid (1)") == 12
 
 
 # ---- --jobs: worker processes ------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from normbench.config import run_id
 from normbench.errors import UserError
 from normbench.sweep.hydra_glue import (check_launcher, compose_primary, configured_launcher, hydra_multirun,
                                         launcher_of)
-from normbench.sweep.planning import (RETRIED, CheckCache, Planned, PlanningThread, check_job, expand, iter_plan,
-                                      plan, run_state, should_train, to_train)
+from normbench.sweep.planning import (RETRIED, CheckCache, Planned, PlanningThread, check_job, estimated_seconds,
+                                      expand, iter_plan, plan, run_state, should_train, to_train)
 from normbench.sweep.training import HydraTask, train_all, train_job
 from normbench.sweep.watching import watching
 from normbench.sweep.workers import Workers, cpu_cores
@@ -136,6 +136,35 @@ def _sequential(overrides, config_dir, retry_failed: bool, display, shown) -> Sw
         planner.stop()
 
 
+def _join(workers: Workers, retry_failed: bool) -> list[dict]:
+    """The workers' outcomes; runs another sweep was training are waited for and taken up here."""
+    outcomes = workers.join()
+    for i, o in enumerate(outcomes):
+        if o["status"] == "busy":
+            outcomes[i] = train_job(workers.offered[i].cfg, retry_failed, wait=True)
+    return outcomes
+
+
+# What one extra worker process costs before its first run: importing torch and loading the data
+# (benchmarks/sweep_jobs.py, small sweeps; this project's 2-core CPU).
+WORKER_START_SECONDS = 6.0
+
+
+def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[int, str | None]:
+    """How many workers the planned training pays for: each extra worker must save more time (its share
+    of the estimated training time) than it costs to start. With a note when that is fewer than asked."""
+    seconds = estimated_seconds(to_train(planned, retry_failed))
+    n = jobs
+    while n > 1 and seconds * (1 - 1 / n) < WORKER_START_SECONDS * (n - 1):
+        n -= 1
+    if n == jobs:
+        return jobs, None
+    how = "sequentially" if n == 1 else f"with --jobs {n}"
+    return n, (f"--jobs {jobs}: about {seconds:.0f} s of training is too little to pay for starting "
+               f"{jobs - n} more worker process{'es' if jobs - n > 1 else ''} (about {WORKER_START_SECONDS:.0f} s "
+               f"each), so it trains {how}")
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
     """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
@@ -150,7 +179,22 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
                         "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
     check_launcher(launcher)
     shown = display.planned if display is not None else (lambda p: None)
-    if launcher == "basic" and jobs > 1:
+    if launcher == "basic" and jobs > 1 and len(expand(overrides, config_dir)) <= OVERLAP_JOBS:
+        planned = plan(overrides, config_dir, shown)  # small: planned in seconds, then workers only if they pay
+        jobs, note = paying_jobs(planned, jobs, retry_failed)
+        if note and display is not None:
+            display.note(note)
+        outcome = SweepOutcome(planned, retry_failed)
+        with ExitStack() as stack:
+            workers = stack.enter_context(Workers(jobs, retry_failed)) if jobs > 1 else None
+            with watching(planned, retry_failed, display, training=workers.training if workers else None):
+                if workers is None:
+                    outcome.outcomes = train_all(to_train(planned, retry_failed), retry_failed, display)
+                else:
+                    for p in planned:
+                        workers.offer(p)
+                    outcome.outcomes = _join(workers, retry_failed)
+    elif launcher == "basic" and jobs > 1:
         with Workers(jobs, retry_failed) as workers:
             def on_planned(p: Planned) -> None:
                 shown(p)
@@ -158,11 +202,8 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
 
             planned = plan(overrides, config_dir, on_planned)
             outcome = SweepOutcome(planned, retry_failed)
-            with watching(planned, retry_failed, display):
-                outcome.outcomes = workers.join()
-                for i, o in enumerate(outcome.outcomes):  # runs another sweep was training: wait for them
-                    if o["status"] == "busy":
-                        outcome.outcomes[i] = train_job(workers.offered[i].cfg, retry_failed, wait=True)
+            with watching(planned, retry_failed, display, training=workers.training):
+                outcome.outcomes = _join(workers, retry_failed)
     elif launcher == "basic":
         outcome = _sequential(overrides, config_dir, retry_failed, display, shown)
     else:

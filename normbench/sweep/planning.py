@@ -49,6 +49,17 @@ class Planned:
         return " ".join(self.overrides) or "(defaults)"
 
 
+# Seconds of training per unit of the planner's cost (runner.check), fitted on the quick preset's runs on
+# this project's 2-core CPU (benchmarks/sweep_jobs.py). Another machine will differ: the estimate is what
+# this one would take, to size a sweep and to decide whether worker processes pay, not a promise.
+SECONDS_PER_COST = 8.8e-11  # quick: 268 s of runs for 3.06e12 cost units (per run 4.9e-11 to 1.1e-10)
+
+
+def estimated_seconds(planned: list[Planned]) -> float:
+    """The planner's estimate of the training time of `planned`, in seconds on a 2-core CPU."""
+    return sum(p.cost for p in planned) * SECONDS_PER_COST
+
+
 def should_train(state: str, retry_failed: bool) -> bool:
     return state in ("new", "running", "busy") or (retry_failed and state in RETRIED)
 

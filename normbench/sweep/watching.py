@@ -11,9 +11,10 @@ from normbench.sweep.planning import Planned, to_train
 
 
 class FolderWatcher(threading.Thread):
-    """Counts finished runs from their folders and passes {run id: summary or None} to `on_change`."""
+    """Counts finished runs from their folders and passes {run id: summary or None}, and the run ids being
+    trained now (`training()`, from the worker pool), to `on_change`."""
 
-    def __init__(self, planned: list[Planned], on_change, interval: float = 1.0):
+    def __init__(self, planned: list[Planned], on_change, interval: float = 1.0, training=None):
         super().__init__(daemon=True)
         self.folders = {}
         for p in planned:
@@ -22,6 +23,7 @@ class FolderWatcher(threading.Thread):
                 self.folders[rid] = results.run_dir(p.cfg, rid)
         self.seen: dict[str, dict] = {}  # finished runs: their summaries are not read again
         self.on_change, self.interval = on_change, interval
+        self.training = training or (lambda: [])
         self.stop_event = threading.Event()
 
     def poll(self) -> dict[str, dict | None]:
@@ -34,21 +36,22 @@ class FolderWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
-            self.on_change(self.poll())
+            self.on_change(self.poll(), self.training())
 
     def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=5)
-        self.on_change(self.poll())
+        self.on_change(self.poll(), [])
 
 
 @contextmanager
-def watching(planned: list[Planned], retry_failed: bool, display):
-    """Show the sweep's progress on `display` (if any) from the run folders, whoever trains the runs."""
+def watching(planned: list[Planned], retry_failed: bool, display, training=None):
+    """Show the sweep's progress on `display` (if any) from the run folders, whoever trains the runs;
+    `training`: a function that names the runs being trained now (the worker pool's)."""
     if display is None or not to_train(planned, retry_failed):
         yield
         return
-    watcher = FolderWatcher(planned, display.runs_changed)
+    watcher = FolderWatcher(planned, display.runs_changed, training=training)
     display.start_sweep(planned, retry_failed)
     watcher.start()
     try:

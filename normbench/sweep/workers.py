@@ -75,6 +75,7 @@ class Workers:
         self.waiting: list[tuple[float, int]] = []  # heap of (-cost, offer index)
         self.outcomes: dict[int, dict] = {}
         self.in_flight = 0
+        self.in_training: dict[int, str] = {}  # offer index -> run id, for the runs in the workers now
         self.closed = False
         self.changed = threading.Condition()
         self.dispatcher = threading.Thread(target=self._dispatch, daemon=True)
@@ -106,6 +107,8 @@ class Workers:
                     return
                 _, i = heapq.heappop(self.waiting)
                 self.in_flight += 1
+                p = self.offered[i]
+                self.in_training[i] = p.run_id or run_id(p.cfg)
             try:
                 future = self.pool.submit(self.train, self.offered[i].cfg, self.retry_failed)
             except BrokenProcessPool:  # a worker died (its runs are marked failed): carry on with fresh workers
@@ -127,8 +130,14 @@ class Workers:
                        "error": f"its worker process died ({type(e).__name__}); run the sweep again to resume it"}
         with self.changed:
             self.outcomes[i] = outcome
+            self.in_training.pop(i, None)
             self.in_flight -= 1
             self.changed.notify_all()
+
+    def training(self) -> list[str]:
+        """The run ids the workers are training now (at most `jobs`)."""
+        with self.changed:
+            return list(self.in_training.values())
 
     def join(self) -> list[dict]:
         """Wait for every offered run; their outcomes in the order they were offered."""
