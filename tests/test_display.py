@@ -155,3 +155,19 @@ def test_progress_lines_name_the_varied_settings_a_run_id_does_not():
     display.start_sweep(runs, retry_failed=False)
     display.runs_changed({"mlp-bn-2": finished(), "mlp-bn-8": None})
     assert "mlp-bn-2 (norm_batch_size=2): completed" in out.getvalue()
+
+
+def test_the_worker_start_cost_can_be_set_and_is_checked(monkeypatch):
+    from normbench.errors import UserError
+
+    monkeypatch.setattr(sweeps.planning, "SECONDS_PER_COST", 1.0)
+    tiny = planned_runs({"a": 2.0, "b": 2.0})
+    monkeypatch.setenv("NORMBENCH_WORKER_START_SECONDS", "0")
+    assert sweeps.paying_jobs(tiny, 2, retry_failed=False) == (2, None)
+    monkeypatch.setenv("NORMBENCH_WORKER_START_SECONDS", "soon")
+    try:
+        sweeps.paying_jobs(tiny, 2, retry_failed=False)
+    except UserError as e:
+        assert "NORMBENCH_WORKER_START_SECONDS" in str(e)
+    else:
+        raise AssertionError("a bad value was accepted")

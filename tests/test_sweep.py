@@ -454,13 +454,18 @@ def test_dry_run_names_each_cause_of_invalid_jobs_once(tmp_path, trained):
 # ---- --jobs: worker processes ------------------------------------------------------------------------------
 
 
-def test_jobs_2_trains_every_run_in_worker_processes_with_the_sequential_results(tmp_path):
+def test_jobs_2_trains_every_run_in_worker_processes_with_the_sequential_results(tmp_path, monkeypatch):
     import torch
+
+    monkeypatch.setenv("NORMBENCH_WORKER_START_SECONDS", "0")  # tiny runs: workers even where they do not pay
+    started = []
+    real = sweep.Workers.__init__
+    monkeypatch.setattr(sweep.Workers, "__init__", lambda self, *a, **k: started.append(1) or real(self, *a, **k))
 
     args = ["norm=bn,ln", "seed=0,1", "batch_size=8"]
     outcome = sweep.run(tiny(tmp_path / "par", *args), jobs=2)
     assert [o["status"] for o in outcome.outcomes] == ["completed"] * 4
-    assert outcome.trained == 4 and outcome.failures == []
+    assert outcome.trained == 4 and outcome.failures == [] and started == [1]  # in worker processes
     folders = run_folders(tmp_path / "par" / "default")
     assert [f.name for f in folders] == sorted(o["run_id"] for o in outcome.outcomes)
     assert {results.read_summary(f)["threads"] for f in folders} == {1}  # tiny steps: one thread (threads.py)

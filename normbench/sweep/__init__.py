@@ -18,6 +18,7 @@ Progress is read from the run folders (`watching`). Hydra is reached through `hy
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -146,22 +147,37 @@ def _join(workers: Workers, retry_failed: bool) -> list[dict]:
 
 
 # What one extra worker process costs before its first run: importing torch and loading the data
-# (benchmarks/sweep_jobs.py, small sweeps; this project's 2-core CPU).
+# (a 4-run sweep of tiny runs took 21 s with --jobs 2 against 13 s sequentially; this project's 2-core CPU).
+# NORMBENCH_WORKER_START_SECONDS sets it for another machine; 0 always starts the --jobs workers.
 WORKER_START_SECONDS = 6.0
+
+
+def _worker_start_seconds() -> float:
+    text = os.environ.get("NORMBENCH_WORKER_START_SECONDS")
+    if text is None:
+        return WORKER_START_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise UserError(f"NORMBENCH_WORKER_START_SECONDS must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[int, str | None]:
     """How many workers the planned training pays for: each extra worker must save more time (its share
     of the estimated training time) than it costs to start. With a note when that is fewer than asked."""
     seconds = estimated_seconds(to_train(planned, retry_failed))
+    start = _worker_start_seconds()
     n = jobs
-    while n > 1 and seconds * (1 - 1 / n) < WORKER_START_SECONDS * (n - 1):
+    while n > 1 and seconds * (1 - 1 / n) < start * (n - 1):
         n -= 1
     if n == jobs:
         return jobs, None
     how = "sequentially" if n == 1 else f"with --jobs {n}"
     return n, (f"--jobs {jobs}: about {seconds:.0f} s of training is too little to pay for starting "
-               f"{jobs - n} more worker process{'es' if jobs - n > 1 else ''} (about {WORKER_START_SECONDS:.0f} s "
+               f"{jobs - n} more worker process{'es' if jobs - n > 1 else ''} (about {start:.0f} s "
                f"each), so it trains {how}")
 
 
