@@ -103,6 +103,9 @@ def list_choices(config_dir: ConfigDir = None) -> None:
     """List the datasets, models, norms, optimizers and experiment presets."""
     from normbench import listing
 
+    if config_dir is not None and not Path(config_dir).is_dir():
+        with user_errors():
+            raise UserError(f"--config-dir {config_dir}: no such directory")  # as the other commands say
     for group in listing.groups():
         table = Table(title=f"{group}  ({group}=NAME)", title_justify="left", show_header=False, box=None)
         table.add_column(style="bold cyan", no_wrap=True)

@@ -171,3 +171,8 @@ def test_the_worker_start_cost_can_be_set_and_is_checked(monkeypatch):
         assert "NORMBENCH_WORKER_START_SECONDS" in str(e)
     else:
         raise AssertionError("a bad value was accepted")
+
+
+def test_list_refuses_a_config_folder_that_does_not_exist(tmp_path):
+    result = CliRunner().invoke(app, ["list", "--config-dir", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such directory" in result.output
