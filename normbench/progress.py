@@ -132,7 +132,7 @@ class SweepDisplay(EpochProgress):
         self.failed = 0
         self.costs: dict[str, float] = {}  # the planner's estimate for each run this sweep trains
         self.extra: dict[str, str] = {}  # the varied settings a run id does not name
-        self.cost_done = 0.0
+        self.cost_done = self.cost_left = 0.0
         self.started = time.monotonic()
         self.active: dict[str, int] = {}  # runs in training -> their bar
 
@@ -156,6 +156,7 @@ class SweepDisplay(EpochProgress):
         todo = to_train(planned, retry_failed)
         self.total = len(valid)
         self.costs = {self._rid(p): p.cost for p in todo}
+        self.cost_left = sum(self.costs.values())  # kept up to date run by run: O(1) per finished run
         self.extra = _unnamed_settings(valid)
         self.reported = {self._rid(p) for p in valid} - set(self.costs)
         self.started = time.monotonic()
@@ -172,7 +173,7 @@ class SweepDisplay(EpochProgress):
     def time_left(self) -> float | None:
         """Seconds left: the cost still to train at the rate (cost per second of wall time) of this sweep
         so far; None until a run has finished, or when the planner gave no costs."""
-        left = sum(c for rid, c in self.costs.items() if rid not in self.reported)
+        left = self.cost_left
         elapsed = time.monotonic() - self.started
         if self.cost_done <= 0 or elapsed <= 0 or left < 0:
             return None
@@ -193,6 +194,7 @@ class SweepDisplay(EpochProgress):
                 continue
             self.reported.add(rid)
             self.cost_done += self.costs.get(rid, 0.0)
+            self.cost_left -= self.costs.get(rid, 0.0)
             self.failed += state == "failed"
             acc = ((summary.get("final") or {}).get("test_acc"))
             note = f"test_acc {acc:.2f}%" if acc is not None else (summary.get("error") or "")
