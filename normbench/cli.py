@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from normbench import __version__
-from normbench.display import console
+from normbench.display import console, duration
 from normbench.errors import UserError
 
 # Commands import what they use when they run (the config package, torch, pandas), so that --version,
@@ -183,7 +183,7 @@ def sweep(
             console.print(_counts(planned, retry_failed))
             todo = sweeps.to_train(planned, retry_failed)
             if todo:
-                console.print(f"estimated training time: {_duration(sweeps.estimated_seconds(todo))} sequentially "
+                console.print(f"estimated training time: about {duration(sweeps.estimated_seconds(todo))} sequentially "
                               "on a 2-core CPU like ours (the planner's cost estimate; measured within 2× per run)")
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
         from normbench import report
@@ -217,14 +217,6 @@ def _print_report(rep, path: Path) -> None:
         for sentence in sentences:
             console.print(f"  {escape(sentence)}", soft_wrap=True)
     console.print(f"report: {path}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"about {max(seconds, 1):.0f} s"
-    if seconds < 90 * 60:
-        return f"about {seconds / 60:.0f} min"
-    return f"about {seconds / 3600:.1f} h"
 
 
 def _print_failures(failures: list[tuple[str, str]]) -> None:

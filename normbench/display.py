@@ -37,6 +37,15 @@ class _Console(Console):
 console = _Console(highlight=False)
 
 
+def duration(seconds: float) -> str:
+    """A time for people: seconds (to the 10 s below 90 s), minutes, or hours."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 10) * 10):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _fmt(value, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from normbench.config import run_id
-from normbench.display import console
+from normbench.display import console, duration
 from normbench.results import FINISHED
 from normbench.train import EpochRecord, Progress
 
@@ -36,14 +36,6 @@ class _EpochTimeLeft(ProgressColumn):
 
     def render(self, task) -> Text:
         return self.inner.render(task) if task.fields.get("epoch") else Text("")
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds / 10) * 10):.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class EpochProgress(Progress):
@@ -183,7 +175,7 @@ class SweepDisplay(EpochProgress):
         parts = [f"{self.failed} failed"] if self.failed else []
         left = self.time_left()
         if len(self.reported) < self.total:
-            parts.append(f"about {_minutes(left)} left" if left is not None else "time left: after the first run")
+            parts.append(f"about {duration(left)} left" if left is not None else "time left: after the first run")
         return "  ".join(parts)
 
     def runs_changed(self, status: dict[str, dict | None], training: list[str] = ()) -> None:
@@ -199,7 +191,7 @@ class SweepDisplay(EpochProgress):
             acc = ((summary.get("final") or {}).get("test_acc"))
             note = f"test_acc {acc:.2f}%" if acc is not None else (summary.get("error") or "")
             left = self.time_left()
-            tail = f"  ({_minutes(left)} left)" if left is not None and len(self.reported) < self.total else ""
+            tail = f"  ({duration(left)} left)" if left is not None and len(self.reported) < self.total else ""
             what = f"{rid} ({self.extra[rid]})" if self.extra.get(rid) else rid
             self.out.print(f"[{len(self.reported)}/{self.total}] {what}: {state} {note}{tail}")
         if self.bar and self.overall is not None:

@@ -59,38 +59,26 @@ def batch_error_figure(table: pd.DataFrame, stat: str) -> plt.Figure:
 def over_training_figure(tables: dict[str, pd.DataFrame], log: bool = True) -> plt.Figure:
     """A row per quantity (`tables`: quantity -> `analysis.probes.curves`), a column per model, a line per
     norm over training steps with its band over seeds."""
-    models = sorted({m for t in tables.values() for m in t.model.unique()})
-    fig, axes = _grid(len(tables), max(len(models), 1))
-    for r, (quantity, table) in enumerate(tables.items()):
-        for c, model in enumerate(models):
-            ax = axes[r, c]
-            for norm, g in table[table.model == model].groupby("norm", sort=True):
-                g = g.sort_values("step")
-                _band(ax, g.step, g["mean"], g.ci95, norm, log)
-            if log:
-                ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel(quantity.replace("_", " "))
-            ax.set_title(model)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _lines_figure(tables, "step", "step", {q: log for q in tables})
 
 
 def per_layer_figure(tables: dict[str, pd.DataFrame], xlabel: str = "layer (forward order)",
                      log: dict[str, bool] | None = None) -> plt.Figure:
     """A row per quantity (`tables`: quantity -> `analysis.probes.per_layer`), a column per model, a line per
     norm across layers with its band over seeds."""
-    log = log or {}
+    return _lines_figure(tables, "depth", xlabel, log or {})
+
+
+def _lines_figure(tables: dict[str, pd.DataFrame], x: str, xlabel: str, log: dict[str, bool]) -> plt.Figure:
+    """A row per quantity, a column per model, a line per norm along column `x` with its band over seeds."""
     models = sorted({m for t in tables.values() for m in t.model.unique()})
     fig, axes = _grid(len(tables), max(len(models), 1))
     for r, (quantity, table) in enumerate(tables.items()):
         for c, model in enumerate(models):
             ax = axes[r, c]
             for norm, g in table[table.model == model].groupby("norm", sort=True):
-                g = g.sort_values("depth")
-                _band(ax, g.depth, g["mean"], g.ci95, norm, bool(log.get(quantity)))
+                g = g.sort_values(x)
+                _band(ax, g[x], g["mean"], g.ci95, norm, bool(log.get(quantity)))
             if log.get(quantity):
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)
