@@ -6,6 +6,8 @@ Models ask the norm factory for a norm and never branch on which norm it is.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 import zlib
 
 import torch
@@ -52,6 +54,20 @@ def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: 
     return model
 
 
+@contextmanager
+def step_loop(model: nn.Module) -> Iterator[None]:
+    """Within it, recurrent cells run their plain step loop through their modules (not a fused recurrence),
+    so forward hooks see every step."""
+    looped = [m for m in model.modules() if hasattr(m, "use_loop")]
+    for m in looped:
+        m.use_loop = True
+    try:
+        yield
+    finally:
+        for m in looped:
+            del m.use_loop  # back to the class's default
+
+
 def forward_work(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
     """(module calls, multiply-accumulates) of one sample's forward pass: the two things a training step's
     time grows with (per-call overhead, arithmetic). Conv and linear layers are counted; a cell that
@@ -66,17 +82,12 @@ def forward_work(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, i
 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
-    looped = [m for m in model.modules() if hasattr(m, "use_loop")]
     was_training = model.training
     try:
-        for m in looped:
-            m.use_loop = True
         model.eval()
-        with torch.no_grad():
+        with step_loop(model), torch.no_grad():
             model(torch.zeros(1, *input_shape))
     finally:
-        for m in looped:
-            del m.use_loop  # back to the class's default
         for h in handles:
             h.remove()
         model.train(was_training)

@@ -133,19 +133,6 @@ def hooked(handles: list) -> Iterator[None]:
             h.remove()
 
 
-@contextmanager
-def step_loop(model: nn.Module) -> Iterator[None]:
-    """Recurrent cells run their plain step loop, through their modules, so hooks see every step."""
-    looped = [m for m in model.modules() if hasattr(m, "use_loop")]
-    for m in looped:
-        m.use_loop = True
-    try:
-        yield
-    finally:
-        for m in looped:
-            del m.use_loop  # back to the class's default
-
-
 def norm2(tensors) -> float:
     """The l2 norm of a list of tensors taken as one vector, in float64."""
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from normbench.probes.base import StepView, hooked, step_loop, weight_layers
+from normbench.models import step_loop
+from normbench.probes.base import StepView, hooked, weight_layers
 
 KEYS = ("quantity",)
 
