@@ -189,3 +189,43 @@ def training_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], title: 
     _legend(fig, axes, "batch size", [f"B={b}" for b in batches])
     fig.suptitle(f"{title}: training loss by batch size (mean over seeds)")
     return fig
+
+
+def metric_vs_factor(runs: pd.DataFrame, factor: str, metric: str, title: str):
+    """A metric against any swept setting (x: its levels), one line per norm with its 95% interval over seeds,
+    one panel per combination of the other varied settings. None when the factor has fewer than two levels."""
+    from normbench.analysis.effects import levels
+    from normbench.analysis.stats import mean_ci
+
+    done = runs[(runs.status == "completed") & runs[factor].notna()]
+    found = levels(done, factor)
+    if len(found) < 2:
+        return None
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in found)
+    position = {str(v): (float(v) if numeric else i) for i, v in enumerate(found)}
+    keys = [k for k in ["data", "model", "batch_size", *[c for c in condition_columns(done) if c.startswith("config.")]]
+            if k != factor and done[k].astype(str).nunique() > 1 or k in ("data", "model")]
+    panels = list(done.groupby(keys, dropna=False))
+    fig, axes = _grid(len(panels))
+    line = "config.norm.name" if factor.startswith("config.norm.") else "norm"  # 'bn', not 'bn(position=...)'
+    color_of = _colors(done[line])
+    for ax, (key, g) in zip(axes, panels):
+        for norm, n in g.groupby(line):
+            points = [(position[str(v)], *mean_ci(pd.to_numeric(r[metric], errors="coerce"))[:2])
+                      for v, r in n.groupby(n[factor].astype(str), sort=False) if str(v) in position]
+            points.sort()
+            if points:
+                x, mean, half = zip(*points)
+                _line(ax, x, mean, half, str(norm), color_of[str(norm)])
+        ax.set_title(" / ".join(f"{k.removeprefix('config.')}={v}" if k not in ("data", "model") else str(v)
+                                for k, v in zip(keys, key if isinstance(key, tuple) else (key,))), fontsize=9)
+        if numeric and min(position.values()) > 0 and max(position.values()) / min(position.values()) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(list(position.values()))
+        ax.set_xticklabels([v.removesuffix(".0") for v in position])
+        ax.set_xlabel(factor.removeprefix("config."))
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    _legend(fig, axes, "norm")
+    fig.suptitle(f"{title}: {metric} vs {factor.removeprefix('config.')}\n(mean and 95% interval over seeds)")
+    return fig

@@ -44,6 +44,7 @@ class Report:
     sweeps: list[dict] = field(default_factory=list)
     scope: str = ""  # which runs the report covers, in a sentence
     skipped: list[str] = field(default_factory=list)  # the folders left out, and why
+    effects: pd.DataFrame = field(default_factory=pd.DataFrame)  # each other swept setting's effect (analysis.effects)
 
 
 def build(experiment: Path, sweep: dict | None = None) -> Report:
@@ -71,9 +72,15 @@ def build(experiment: Path, sweep: dict | None = None) -> Report:
     else:
         scope = f"This report covers {_runs(len(summaries), 'all ')} in {experiment}."
         mixed = _unswept_differences(runs, sweeps)
+    effects = analysis.sweep_effects(runs)
+    verdict = analysis.verdict(runs, summary, degr)
+    if not effects.empty:
+        verdict[EFFECTS_TITLE] = analysis.factor_verdict(effects)
     return Report(experiment, runs, summary, analysis.pivot(summary), analysis.delta_vs_bn(runs, summary), degr,
-                  analysis.verdict(runs, summary, degr), curves, summaries, skipped + mixed, sweeps,
-                  " ".join([scope, *mixed]), skipped)
+                  verdict, curves, summaries, skipped + mixed, sweeps, " ".join([scope, *mixed]), skipped, effects)
+
+
+EFFECTS_TITLE = "Other swept settings (smallest level minus largest; a named level minus the first)"
 
 
 def _runs(n: int, all_: str = "") -> str:
@@ -125,10 +132,15 @@ def _write(report: Report) -> Path:
     results.write_table(out / "pivot.csv", report.pivot, index=True)
     results.write_table(out / "delta_vs_bn.csv", report.delta)
     results.write_table(out / "degradation.csv", report.degradation)
+    if not report.effects.empty:
+        results.write_table(out / "effects.csv", report.effects)
     title = out.name
     figures = {"accuracy_vs_batch": plots.accuracy_vs_batch(report.summary, title),
                "bn_eval_modes": plots.bn_eval_modes(report.summary, title),
                "training_curves": plots.training_curves(report.runs, report.curves, title)}
+    for factor in dict.fromkeys(report.effects.factor) if not report.effects.empty else []:
+        figures[f"accuracy_vs_{factor.removeprefix('config.').replace('.', '_')}"] = plots.metric_vs_factor(
+            report.runs, factor, "test_acc", title)
     written = []
     for name, fig in figures.items():
         if fig is not None:
@@ -181,6 +193,14 @@ def _lost_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     return lost[keys + counts].rename(columns=names).reset_index(drop=True)
 
 
+def _effects_table(effects: pd.DataFrame) -> pd.DataFrame:
+    shown = effects.assign(effect=[analysis.fmt_ci(d, h, signed=True) for d, h in zip(effects.effect, effects.ci95)],
+                           p=[f"{p:.2g}" if math.isfinite(p) else "-" for p in effects.p],
+                           p_holm=[f"{p:.2g}" if math.isfinite(p) else "-" for p in effects.p_holm])
+    shown.factor = shown.factor.str.removeprefix("config.")
+    return shown.drop(columns=["ci95", "why"]).dropna(axis=1, how="all")
+
+
 def _delta_pivot(delta: pd.DataFrame) -> pd.DataFrame:
     if delta.empty:
         return delta
@@ -225,7 +245,7 @@ def markdown(report: Report, figures: list[str], probes: list[str] = ()) -> str:
     for panel, sentences in r.verdict.items():
         lines += [f"**{panel}**", ""] + [f"- {s}" for s in sentences] + [""]
     if not r.verdict:
-        lines += ["No verdict: it needs at least two batch sizes per norm.", ""]
+        lines += ["No verdict: it needs two batch sizes per norm, or two levels of some other setting.", ""]
     lines += ["## Test accuracy (%) by norm and batch size", "", _md_table(r.pivot), ""]
     lost = _lost_seeds(r.summary)
     if not lost.empty:
@@ -235,6 +255,11 @@ def markdown(report: Report, figures: list[str], probes: list[str] = ()) -> str:
     if not r.degradation.empty:
         lines += ["## Degradation: accuracy at the largest batch minus at the smallest (points)", "",
                   _md_table(r.degradation.rename(columns={"drop_ci95": "± (95%)"})), ""]
+    if not r.effects.empty:
+        lines += ["## Effects of the other swept settings", "",
+                  "Each row: the metric at one level minus at another, in one condition (every other setting "
+                  "equal), with its 95% interval over seeds (Welch's, or paired by seed), the two-sided p-value and "
+                  "Holm's adjustment over all the rows of this table.", "", _md_table(_effects_table(r.effects)), ""]
     lines += ["## Figures", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
     if probes:
         lines += [*probes, ""]

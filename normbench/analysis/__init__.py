@@ -2,6 +2,7 @@
 
 * `stats`: means, differences and ratios over seeds with 95% intervals (scipy.stats).
 * `tables`: runs table, summary with seed counts and intervals, pivots, deltas vs BN, degradation.
+* `effects`: the effect of any swept setting on any metric, per condition, Holm-corrected (`sweep_effects`).
 * `verdict`: sentences computed from those tables; nothing is decided in advance.
 
 Accuracies are in percent; differences are in percentage points.
@@ -12,10 +13,12 @@ from normbench.analysis.tables import (
     LABELLED, METRICS, NOT_CONDITIONS, bn_label, cell_text, condition_columns, degradation, delta_vs_bn, fmt_ci,
     lost_seeds, panel_columns, pivot, runs_of, runs_table, summary_table,
 )
-from normbench.analysis.verdict import verdict
+from normbench.analysis.effects import factor_effects, metric_effects, sweep_effects
+from normbench.analysis.verdict import factor_verdict, verdict
 
 __all__ = [
     "LABELLED", "METRICS", "NOT_CONDITIONS", "bn_label", "cell_text", "condition_columns", "degradation",
     "delta_vs_bn", "diff_ci", "fmt_ci", "lost_seeds", "mean_ci", "no_interval", "paired_ci", "panel_columns",
-    "pivot", "recovered_share", "runs_of", "runs_table", "summary_table", "t95", "verdict",
+    "pivot", "recovered_share", "runs_of", "runs_table", "summary_table", "t95", "verdict", "factor_effects",
+    "metric_effects", "sweep_effects", "factor_verdict",
 ]

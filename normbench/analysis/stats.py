@@ -9,11 +9,15 @@ claim a certainty a few seeds cannot give. `no_interval` says which, in words.
 * `diff_ci`: Welch's interval of a difference of means (Welch-Satterthwaite degrees of freedom).
 * `paired_ci`: the interval of a mean paired difference (the one `scipy.stats.ttest_rel` inverts).
 * `recovered_share`: Fieller's interval of a ratio of two correlated estimates.
+* `welch_test`, `paired_test`: the same differences with their two-sided p-values (`scipy.stats.ttest_ind`
+  with unequal variances, `scipy.stats.ttest_rel`), and `holm`, which adjusts a family of p-values for the
+  number of comparisons a verdict rests on (Holm 1979: step-down, controls the family-wise error rate).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -130,3 +134,50 @@ def recovered_share(small, fixed, large) -> tuple[float, float, float, float]:
     t = t95(min(n - 1, welch_df(large, small)))
     lo, hi = fieller(num, loss, var_num, var_den, cov, t)
     return share, lo, hi, loss
+
+
+@dataclass(frozen=True)
+class Test:
+    """A difference of means with its 95% interval and two-sided p-value (NaN where the seeds give none)."""
+
+    effect: float
+    ci95: float  # half-width
+    p: float
+    n_a: int
+    n_b: int
+    kind: str  # "welch" | "paired"
+    why: str | None = None  # why there is no interval (`no_interval`), else None
+
+
+def welch_test(a, b) -> Test:
+    """mean(a) - mean(b), its Welch interval and Welch's t-test p-value."""
+    a, b = finite(a), finite(b)
+    d, half = diff_ci(a, b)
+    why = no_interval(a, b) if len(a) and len(b) else ONE_SEED
+    p = math.nan if why else float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return Test(d, half, p, len(a), len(b), "welch", why)
+
+
+def paired_test(x, y) -> Test:
+    """mean(x - y) over the pairs where both are known, its paired interval and the paired t-test p-value."""
+    x, y = _pairs(x, y)
+    d, half = paired_ci(x, y)
+    why = no_interval(x - y) if len(x) else ONE_SEED
+    p = math.nan if why else float(stats.ttest_rel(x, y).pvalue)
+    return Test(d, half, p, len(x), len(y), "paired", why)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values; NaN ones stay NaN and do not count as tests.
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)): reject where the
+    adjusted value is below the level, and the family-wise error rate stays at that level.
+    """
+    p = np.asarray([x if x is not None else math.nan for x in pvalues], dtype=float)
+    known = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), math.nan)
+    m, running = len(known), 0.0
+    for rank, i in enumerate(known[np.argsort(p[known], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()

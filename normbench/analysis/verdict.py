@@ -188,3 +188,46 @@ def _recovery(runs: pd.DataFrame, rows: pd.DataFrame, g: pd.DataFrame, where: di
     elif degraded and np.isfinite(precise_h):
         text += f" No detectable part of the {loss:.1f}-point loss is recovered by recomputing the statistics."
     return [text]
+
+
+LEVEL = 0.05  # a difference is called detected when its Holm-adjusted p-value is below this
+
+
+def _condition(row: pd.Series, keys: list[str]) -> str:
+    """'mnist / mlp / bn, batch 64, lr=0.1' for the keys of an effects row."""
+    words = [str(row[k]) for k in ("data", "model", "norm") if k in keys]
+    if "batch_size" in keys:
+        words[-1:] = [f"{words[-1]}, batch {int(row.batch_size)}"] if words else [f"batch {int(row.batch_size)}"]
+    extras = [f"{k.removeprefix('config.')}={row[k]}" for k in keys if k.startswith("config.")]
+    return ", ".join([" / ".join(words), *extras]) if extras else " / ".join(words)
+
+
+def effect_words(row: pd.Series, family: int) -> str:
+    """'-5.1 ± 1.2 points (Welch; Holm-adjusted p = 0.003 over 6 comparisons): lower' and its kin."""
+    unit = " points" if "acc" in str(row.metric) or str(row.metric) == "gap" else ""
+    if not np.isfinite(row.ci95):
+        return f"{_signed(row.effect)}{unit} ({row.why or 'no interval'})"
+    p = row.p_holm if np.isfinite(row.p_holm) else row.p
+    stat = (f"{row.test}; Holm-adjusted p = {p:.2g} over {family} comparisons" if family > 1
+            else f"{row.test}; p = {p:.2g}")
+    text = f"{_signed(row.effect)} ± {row.ci95:.1f}{unit} ({stat})"
+    if p >= LEVEL:
+        return text + (": no detectable difference" if abs(row.effect) <= row.ci95
+                       else ": not significant once corrected for the number of comparisons")
+    return text
+
+
+def factor_verdict(effects: pd.DataFrame) -> list[str]:
+    """One sentence per row of `effects.sweep_effects`: how a swept setting moves the metric, in one condition."""
+    if effects.empty:
+        return []
+    keys = [c for c in effects.columns if c not in ("metric", "factor", "level_a", "level_b", "effect", "ci95", "p",
+                                                     "p_holm", "test", "n_a", "n_b", "why")]
+    family = int(np.isfinite(effects.p.astype(float)).sum())
+    lines = []
+    for _, row in effects.iterrows():
+        present = [k for k in keys if k != row.factor and pd.notna(row[k])]
+        factor = str(row.factor).removeprefix("config.")
+        lines.append(f"{_condition(row, present)}: {row.metric} at {factor}={row.level_a} minus at "
+                     f"{factor}={row.level_b}: {effect_words(row, family)}.")
+    return lines
