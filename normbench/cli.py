@@ -28,6 +28,18 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
 ConfigDir = Annotated[Optional[Path], typer.Option(
     "--config-dir", "-c", help="A folder of your own configs (same groups: data/, model/, norm/, "
     "optim/, experiment/), searched before the packaged ones.", show_default=False)]
+Plugins = Annotated[Optional[list[str]], typer.Option(
+    "--plugin", "-p", help="Load a plugin: a .py file or an installed module (package.module) that registers "
+    "norms, models or datasets; repeatable. Installed packages' entry points (normbench.plugins) load always.",
+    show_default=False)]
+
+
+def load_plugins(plugins: list[str] | None) -> None:
+    """Load the installed plugins and those named by --plugin (the command's first step); an error is one line."""
+    from normbench.plugins import load
+
+    with user_errors():
+        load(plugins or [])
 
 
 @contextmanager
@@ -58,7 +70,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command()
-def run(overrides: Overrides = None, config_dir: ConfigDir = None,
+def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugins = None,
         force: Annotated[bool, typer.Option("--force", help="Train again a run that already finished; the new "
                                             "result replaces the old one only once it completes.")] = False) -> None:
     """Train one model with one norm, evaluate it, and write its run folder.
@@ -70,6 +82,7 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None,
     from normbench.progress import EpochProgress
     from normbench.runner import execute
 
+    load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
         with EpochProgress(cfg.epochs, cfg.batch_size) as progress:
@@ -82,13 +95,14 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None,
 
 
 @app.command("config")
-def show_config(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
+def show_config(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
     """Print the composed config, with the run id it maps to."""
     import yaml
     from rich.syntax import Syntax
 
     from normbench.config import compose, run_id, to_dict
 
+    load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
     text = f"# run_id: {run_id(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -99,9 +113,11 @@ def show_config(overrides: Overrides = None, config_dir: ConfigDir = None) -> No
 
 
 @app.command("list")
-def list_choices(config_dir: ConfigDir = None) -> None:
+def list_choices(config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
     """List the datasets, models, norms, optimizers and experiment presets."""
     from normbench import listing
+
+    load_plugins(plugin)
 
     if config_dir is not None and not Path(config_dir).is_dir():
         with user_errors():
@@ -161,6 +177,7 @@ def _counts(planned, retry_failed: bool) -> str:
 def sweep(
     overrides: Overrides = None,
     config_dir: ConfigDir = None,
+    plugin: Plugins = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, each in its own process with its share of the CPU threads.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
@@ -172,6 +189,7 @@ def sweep(
     from normbench import sweep as sweeps
     from normbench.display import planning_count
 
+    load_plugins(plugin)
     with user_errors():
         jobs, note = sweeps.capped_jobs(jobs)
         if note:
@@ -233,9 +251,12 @@ def _print_failures(failures: list[tuple[str, str]]) -> None:
 @app.command("report")
 def make_report(
     folder: Annotated[Path, typer.Argument(help="An experiment folder (results/NAME), or a results folder.")],
+    plugin: Plugins = None,
 ) -> None:
     """Rebuild tables, figures and report.md from the run folders alone."""
     from normbench import report
+
+    load_plugins(plugin)  # plugin norms are then labelled by what differs from their defaults, as in run ids
 
     with user_errors():
         experiments = [folder] if _has_runs(folder) else sorted(p for p in folder.glob("*") if _has_runs(p))
@@ -250,6 +271,106 @@ def make_report(
 
 def _has_runs(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_dir() and (p / "config.yaml").exists() for p in folder.iterdir())
+
+
+@app.command()
+def claims(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        help="Claims to test (all by default; --list names them), then Hydra overrides such as data.root=PATH.",
+        show_default=False, metavar="[NAMES]... [OVERRIDES]...")] = None,
+    scale: Annotated[str, typer.Option("--scale", help="small: the MNIST stand-in on a CPU in minutes; paper: "
+                                       "CIFAR / full MNIST at paper-like scale, for a GPU.")] = "small",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, as for sweep.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan every claim's runs; train nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the claims and exit.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
+    config_dir: ConfigDir = None,
+    plugin: Plugins = None,
+) -> None:
+    """Test common claims about normalization, each with a small experiment and a verdict computed from the data.
+
+    Writes claims.md, claims.csv and a figure per claim into results/claims (or results/claims_paper). Finished runs
+    are reused, so running it again resumes and only re-judges.
+    """
+    from normbench.claims import CLAIMS, select
+
+    args = args or []
+    names = [a for a in args if "=" not in a and not a.startswith(("+", "~"))]
+    overrides = [a for a in args if a not in names]
+    if list_:
+        table = Table(header_style="bold")
+        for col in ("claim", "statement", "source"):
+            table.add_column(col, overflow="fold")
+        for claim in CLAIMS:
+            table.add_row(claim.id, escape(claim.statement), escape(claim.source))
+        console.print(table)
+        return
+    load_plugins(plugin)
+    from normbench import sweep as sweeps
+    from normbench.claims import suite, writing
+    from normbench.display import planning_count
+
+    with user_errors():
+        chosen = select(names)
+        jobs, note = sweeps.capped_jobs(jobs)
+        if note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        if dry_run:
+            with planning_count() as planned_one:
+                outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
+            _print_claims_plan(outcome, retry_failed)
+            raise typer.Exit(1 if any(p.state == "invalid" for p in outcome.unique) else 0)
+        from normbench.progress import SweepDisplay
+
+        with SweepDisplay() as display:
+            outcome = suite.run(chosen, scale, overrides, config_dir, jobs, retry_failed, display)
+        judgements = suite.judge_all(chosen, outcome)
+        command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
+                            *([f"--jobs {jobs}"] if jobs > 1 else [])])
+        path = writing.write(outcome.folder, judgements, scale, command, outcome.seconds)
+    _print_claims(judgements)
+    console.print(f"claims: {path}")
+    if outcome.sweep is not None and outcome.sweep.failures:
+        _print_failures(outcome.sweep.failures)
+        raise typer.Exit(1)
+
+
+def _print_claims_plan(outcome, retry_failed: bool) -> None:
+    from normbench.sweep import estimated_seconds, to_train
+
+    table = Table(title="claims", header_style="bold")
+    for col in ("claim", "runs", "to train", "invalid"):
+        table.add_column(col, justify="right" if col != "claim" else "left")
+    for cid, planned in outcome.plans.items():
+        invalid = sum(p.state == "invalid" for p in planned)
+        table.add_row(cid, str(len(planned)), str(len(to_train(planned, retry_failed))),
+                      f"[red]{invalid}[/red]" if invalid else "0")
+    console.print(table)
+    unique = outcome.unique
+    todo = to_train(unique, retry_failed)
+    console.print(f"{len(unique)} distinct runs (claims share some): {len(todo)} to train")
+    for cid, planned in outcome.plans.items():
+        for p in planned:
+            if p.state == "invalid":
+                console.print(f"[red]{cid}:[/red] {escape(p.label)}: {escape(str(p.error))}", soft_wrap=True)
+                break
+    if todo:
+        console.print(f"estimated training time: about {duration(estimated_seconds(todo))} sequentially on a 2-core "
+                      "CPU like ours (the planner's cost estimate; measured within 2× per run)")
+
+
+def _print_claims(judgements) -> None:
+    from normbench.claims.writing import effect_text
+
+    colors = {"supported": "green", "contradicted": "red", "not detected": "white", "inconclusive": "yellow"}
+    table = Table(title="claims", header_style="bold")
+    for col in ("claim", "verdict", "measured", "effect (95%)"):
+        table.add_column(col, overflow="fold")
+    for j in judgements:
+        effect, ci = effect_text(j.headline)
+        table.add_row(j.claim.id, f"[{colors[j.verdict]}]{j.verdict}[/]",
+                      escape(j.headline.says if j.headline is not None else j.why), f"{effect} {ci}".strip(" -"))
+    console.print(table)
 
 
 _ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",

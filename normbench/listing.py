@@ -1,5 +1,5 @@
 """What `normbench list` shows: each config option with its description, read from the YAML files alone
-(no Hydra, no torch), so the command starts in a fraction of a second."""
+(no Hydra, no torch), so the command starts in a fraction of a second; and the plugins' entries."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def choices(group: str, config_dir: Path | None) -> dict[str, tuple[str, bool]]:
                 except (OSError, UnicodeDecodeError) as e:
                     text = f"# (cannot read it: {e})"
                 found[entry.name[:-5]] = (description(text, group == "experiment"), yours)
+    from normbench.plugins import ENTRIES
+
+    for (kind, name), e in sorted(ENTRIES.items()):
+        if kind == group and name not in found:  # a plugin's entry: its defaults need no YAML
+            keys = [k for k in e.schema.__dataclass_fields__ if k != "name"]
+            found[name] = (f"{e.description} (plugin {e.provenance.plugin}; keys: {', '.join(keys)})".strip(), False)
     return found
 
 

@@ -28,6 +28,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove entry `name` (a plugin's, when it is replaced or forgotten); absent names are ignored."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise UserError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")

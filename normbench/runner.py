@@ -36,8 +36,13 @@ class RunResult:
 
 def norm_factory(cfg: Config) -> NormFactory:
     """The norm config as the factory that models receive."""
-    known = {f.name for f in dataclasses.fields(NormOptions)}
+    from normbench import plugins
+
+    known = {f.name for f in dataclasses.fields(NormOptions)} - {"extra"}
     options = NormOptions(**{k: v for k, v in vars(cfg.norm).items() if k in known})
+    plugin = plugins.entry("norm", cfg.norm.name)
+    if plugin is not None:  # a plugin's norm gets its own options dataclass
+        options = dataclasses.replace(options, extra=plugin.options_of(cfg.norm))
     return NormFactory(cfg.norm.name, options, cfg.norm.position)
 
 

@@ -11,7 +11,7 @@ from importlib import resources
 
 import yaml
 
-from normbench.config.schemas import SCHEMA_PREFIX, SCHEMAS, Config
+from normbench.config.schemas import GROUPS, SCHEMA_PREFIX, SCHEMAS, Config
 
 
 def effective_lr(cfg: Config) -> float:
@@ -21,8 +21,19 @@ def effective_lr(cfg: Config) -> float:
 
 
 def to_dict(cfg: Config) -> dict:
-    """Plain, JSON-safe dict of the config (enums as their values)."""
-    return json.loads(json.dumps(asdict(cfg), default=lambda v: v.value))
+    """Plain, JSON-safe dict of the config (enums as their values).
+
+    A choice that a plugin registered also records the plugin's name and a hash of its source
+    (``norm.plugin: {name, source}``): it is hashed with the rest, so a run of changed plugin code gets a
+    run id of its own. Built-in choices record nothing more (their run ids are unchanged)."""
+    d = json.loads(json.dumps(asdict(cfg), default=lambda v: v.value))
+    from normbench.plugins import provenance_record
+
+    for group in GROUPS:
+        record = provenance_record(group, d[group]["name"]) if isinstance(d.get(group), dict) else None
+        if record is not None:
+            d[group]["plugin"] = record
+    return d
 
 
 # Settings that say where things go or how they are shown, not what is computed.
@@ -132,8 +143,16 @@ def norm_label(norm: dict) -> str:
     does not record (a summary written before the setting existed) counts as its default.
     """
     norm = _plain(norm)
+    recorded = norm.pop("plugin", None)  # the plugin's code is in the hash, not the label
     name = str(norm.get("name"))
     options = packaged_norms()
+    plugin = SCHEMAS["norm"].get(name) if name not in options else None
+    if plugin is not None:  # a plugin's norm: named by what differs from its options' defaults
+        options = {**options, name: _plain(asdict(plugin()))}
+    elif recorded is not None and name not in options:  # its plugin is not loaded: its own keys are shown
+        from normbench.config.schemas import NormConfig
+
+        options = {**options, name: {**_plain(asdict(NormConfig())), "name": name}}
     for option in sorted(options, key=lambda o: o != name):  # the plain name first
         if options[option] == {**options[option], **norm} and options[option].get("name") == name:
             return option

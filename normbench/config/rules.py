@@ -12,7 +12,7 @@ from typing import Any
 
 from normbench.config.messages import _shown
 from normbench.config.schemas import (
-    SCHEMAS, AdamConfig, BatchStatsProbeConfig, BNConfig, BRNConfig, CNNConfig, Config, DataConfig, EvalConfig,
+    SCHEMA_PREFIX, SCHEMAS, AdamConfig, BatchStatsProbeConfig, BNConfig, BRNConfig, CNNConfig, Config, DataConfig, EvalConfig,
     EveryConfig, EvoNormConfig, FusedActConfig, GNConfig, LandscapeProbeConfig, MLPConfig, NoiseConfig, NormConfig,
     OptimConfig, Position, ResNetConfig, RNNConfig, SGDConfig, SyntheticConfig,
 )
@@ -193,6 +193,13 @@ def _check_kinds(cfg: Config) -> None:
     would build a GroupNorm without its num_groups)."""
     for group, schemas in SCHEMAS.items():
         node = getattr(cfg, group)
+        if not dataclasses.is_dataclass(node):  # a YAML of the user's that names no schema
+            name = node.get("name") if isinstance(node, dict) else None
+            builtin = _PACKAGED_SCHEMAS[group].get(name)
+            first = SCHEMA_PREFIX + (builtin.__name__.lower() if builtin else str(name)) if name in schemas else \
+                "SCHEMA"
+            raise UserError(f"the {group} config chosen has no schema: its YAML must start with "
+                            f"'defaults: [{_shown(first)}, _self_]' so that its keys are typed and checked")
         if node.name not in schemas:
             raise UserError(f"unknown {group} '{_shown(node.name)}'; valid: {', '.join(sorted(schemas))}")
         if type(node) is not schemas[node.name]:
@@ -201,6 +208,7 @@ def _check_kinds(cfg: Config) -> None:
                             f"{'/'.join(same)}; choose it with {group}={node.name}")
 
 
+_PACKAGED_SCHEMAS = {group: dict(schemas) for group, schemas in SCHEMAS.items()}  # before any plugin
 DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}  # synthetic: data.num_classes
 
 
@@ -209,7 +217,9 @@ def _check_batch_classes(cfg: Config) -> None:
     k = cfg.data.batch_classes
     if k is None:
         return
-    classes = getattr(cfg.data, "num_classes", None) or DATASET_CLASSES[cfg.data.name]
+    classes = getattr(cfg.data, "num_classes", None) or DATASET_CLASSES.get(cfg.data.name)
+    if classes is None:  # a plugin's dataset that did not say its class count: its data will
+        classes = k
     if k > classes:
         raise UserError(f"data.batch_classes must be in [1, {classes}] ({cfg.data.name} has {classes} classes), got {k}")
     if cfg.batch_size % k:

@@ -78,7 +78,8 @@ NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, GroupN
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES)
+    """A norm layer: one of NORM_TYPES, or what a plugin's norm builder returned."""
+    return isinstance(module, NORM_TYPES) or getattr(module, "_normbench_norm", False) is True
 
 
 def create_norm(name: str, num_features: int, kind: str, options: NormOptions = NormOptions(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -29,6 +29,8 @@ class NormOptions:
     # (mean, std) magnitudes of the noise after the norm (Santurkar et al. 2018); (0, 0): none.
     # The config's norm.noise (an object with .mean and .std) is stored as this pair.
     noise: tuple[float, float] = (0.0, 0.0)
+    # A plugin norm's own options (an instance of the dataclass it registered); None for built-in norms.
+    extra: object = field(default=None, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.noise, tuple):

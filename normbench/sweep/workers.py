@@ -18,6 +18,7 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from normbench.config import Config, run_id
+from normbench.errors import UserError
 from normbench.sweep.planning import Planned, to_train
 from normbench.sweep.training import train_job
 
@@ -36,8 +37,10 @@ def _worker_start(slots, threads: int, parent: int) -> None:
     small runs use one, see normbench.threads), and an exit when the sweep dies."""
     import torch
 
+    from normbench import plugins
     from normbench import threads as thread_choice
 
+    plugins.load()  # the sweep's plugins, named in NORMBENCH_PLUGINS, before any config is unpickled
     global _worker_slot
     _worker_slot = slots.get()
     thread_choice.set_share(threads)
@@ -93,6 +96,13 @@ class Workers:
         """Queue a planned run for training, if it needs training."""
         if not to_train([p], self.retry_failed):
             return
+        from normbench.plugins import unshareable
+
+        local = unshareable(p.cfg)
+        if local:
+            raise UserError(f"{', '.join(local)} was registered in this process (a notebook), so worker processes "
+                            "cannot load it: use jobs=1, or put it in a .py file and load that with --plugin "
+                            "(normbench.load_plugins)")
         with self.changed:
             heapq.heappush(self.waiting, (-p.cost, len(self.offered)))
             self.offered.append(p)
