@@ -134,6 +134,22 @@ def list_choices(config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
         console.print(f"* from your config folder {config_dir}")
 
 
+@app.command("check")
+def check_entry(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
+    """Run the conformance battery on a norm (norm=NAME: every kind of features and every model) or a model
+    (model=NAME, with bn, ln, in and none); exit 1 if a check fails. Batch dependence is measured, not declared."""
+    from normbench import conformance
+
+    load_plugins(plugin)
+    with user_errors():
+        rows = conformance.check(overrides or [], config_dir)
+    console.print(conformance.table(rows))
+    for line in conformance.notes(rows):
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    if any(r.failed for r in rows):
+        raise typer.Exit(1)
+
+
 PLAN_TABLE_ROWS = 500  # a longer plan is printed as plain lines: a table that long is slow and no easier to read
 
 
