@@ -239,7 +239,6 @@ STYLE = {"ok": "green", "yes": "cyan", "no": "cyan", "fail": "bold red", "refuse
 
 
 def table(rows: list[Row]):
-    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="conformance", title_justify="left", header_style="bold")

@@ -21,7 +21,7 @@ from normbench.plugins.loading import ENV, GROUP, Provenance, env_specs, load, l
 
 __all__ = ["ENTRIES", "ENV", "GROUP", "KINDS", "Entry", "Provenance", "entry", "env_specs", "forget", "load",
            "load_plugins", "loaded", "provenance_record", "register", "register_dataset", "register_model",
-           "register_norm", "unshareable"]
+           "register_norm", "reset", "unshareable"]
 
 
 def _decorate(group: str, name: str, build: Callable | None, **kw):
@@ -69,6 +69,23 @@ def register_dataset(name: str, build: Callable | None = None, *, options: type 
 def load_plugins(specs=()) -> None:
     """Load plugins by path or module name (and the installed ones): what ``--plugin`` does."""
     load(specs)
+
+
+def reset() -> None:
+    """Forget every plugin entry and loaded plugin of this process (tests; a notebook starting over)."""
+    import os
+    import sys
+
+    from normbench.plugins import loading
+
+    for key in list(ENTRIES):
+        forget(*key)
+    for provenance in loading._loaded.values():
+        if provenance.spec and provenance.spec.endswith(".py"):
+            sys.modules.pop(loading.file_module(provenance.plugin), None)
+    loading._loaded.clear()
+    loading._entry_points_done = False
+    os.environ.pop(ENV, None)
 
 
 def unshareable(cfg) -> list[str]:

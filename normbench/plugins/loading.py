@@ -119,6 +119,11 @@ def _clear_errors(what: str, path: str | None = None) -> Iterator[None]:
         raise UserError(f"plugin {what}: {type(e).__name__}: {e}{_line_in(e, path)}") from e
 
 
+def file_module(stem: str) -> str:
+    """The module name a plugin file is imported under (the same in every process, for pickle)."""
+    return "normbench_plugin_" + re.sub(r"\W", "_", stem)
+
+
 def _load_file(spec: str) -> None:
     path = Path(spec).expanduser().resolve()
     key = str(path)
@@ -128,7 +133,7 @@ def _load_file(spec: str) -> None:
         raise UserError(f"plugin {spec}: no such file")
     if path.suffix != ".py":
         raise UserError(f"plugin {spec}: a plugin file is Python source ending in .py")
-    module_name = "normbench_plugin_" + re.sub(r"\W", "_", path.stem)
+    module_name = file_module(path.stem)
     other = next((k for k, p in _loaded.items() if p.plugin == path.stem and k != key), None)
     if other is not None:
         raise UserError(f"plugin {spec}: a plugin of the same name is loaded already ({other}); rename one")

@@ -1,0 +1,256 @@
+"""Plugins: loaded only when named, typed like built-in entries, checked, and part of their runs' identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_DATA
+from normbench import plugins
+from normbench.cli import app
+from normbench.config import SCHEMAS, compose, run_id, to_dict
+from normbench.errors import UserError
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "loo_bn.py"
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import normbench
+
+
+@dataclass
+class ScaleOptions:
+    eps: float = 1e-5
+    gain: float = 1.0
+
+
+class Scale(nn.Module):
+    """x / (mean |x| over the sample + eps) * gain: batch-independent."""
+
+    def __init__(self, c, options):
+        super().__init__()
+        self.options = options
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        dims = tuple(range(1, x.dim()))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x / (x.abs().mean(dims, keepdim=True) + self.options.eps) * self.options.gain * self.weight.view(shape)
+
+
+@normbench.register_norm("scale", options=ScaleOptions, kinds=("flat", "spatial"))
+def build(num_features, kind, options):
+    """Divide by the mean absolute value of the sample."""
+    return Scale(num_features, options)
+'''
+
+
+@pytest.fixture(autouse=True)
+def no_plugins():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+def write(folder: Path, text: str, name: str = "scaleplug.py") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_plugin_norm_is_listed_composed_typed_and_refused_where_undefined(tmp_path):
+    plugin = write(tmp_path, PLUGIN)
+    listed = cli("list", "--plugin", plugin)
+    assert listed.exit_code == 0 and "scale" in listed.output and "plugin scaleplug" in listed.output
+    cfg = compose([*TINY_DATA, "norm=scale", "norm.gain=2"])
+    assert cfg.norm.gain == 2.0 and type(cfg.norm) is SCHEMAS["norm"]["scale"]
+    assert run_id(cfg).startswith("mlp-scale(gain=2)-b64-s0-")
+    assert to_dict(cfg)["norm"]["plugin"]["name"] == "scaleplug"
+    assert to_dict(cfg)["norm"]["plugin"]["source"].startswith("sha256:")
+    with pytest.raises(UserError, match="norm.gain"):
+        compose(["norm=scale", "norm.gain=loud"])
+    with pytest.raises(UserError, match="unknown key 'norm.nope'"):
+        compose(["norm=scale", "+norm.nope=1"])
+    from normbench.norms import create_norm
+
+    with pytest.raises(UserError, match="'scale' .*undefined on recurrent features: it takes flat, spatial"):
+        create_norm("scale", 4, "recurrent")
+
+
+def test_built_in_runs_keep_their_ids_and_record_no_plugin(tmp_path):
+    cfg = compose(TINY_DATA)
+    before = run_id(cfg)
+    plugins.load([write(tmp_path, PLUGIN)])
+    assert run_id(compose(TINY_DATA)) == before and "plugin" not in to_dict(cfg)["norm"]
+
+
+def test_editing_the_plugin_changes_the_run_id(tmp_path):
+    plugin = write(tmp_path, PLUGIN)
+    plugins.load([plugin])
+    first = run_id(compose(["norm=scale"]))
+    assert run_id(compose(["norm=scale"])) == first  # stable
+    plugins.reset()
+    plugin.write_text(plugin.read_text().replace("return Scale(num_features, options)",
+                                                 "return Scale(num_features, options)  # edited"))
+    plugins.load([plugin])
+    second = run_id(compose(["norm=scale"]))
+    assert second != first and second.split("-")[:4] == first.split("-")[:4]
+
+
+def test_an_edited_plugin_is_trained_again_by_the_next_sweep(tmp_path):
+    plugin = write(tmp_path, PLUGIN)
+    args = ["sweep", "--plugin", plugin, *TINY_DATA, "model.width=16", "norm=scale", "epochs=1", "batch_size=32",
+            "device=cpu", f"results_dir={tmp_path / 'r'}"]
+    assert cli(*args).exit_code == 0
+    again = cli(*args)
+    assert "1 already done" in again.output
+    plugins.reset()
+    plugin.write_text(plugin.read_text() + "\n# a change\n")
+    edited = cli(*args)
+    assert edited.exit_code == 0 and "1 planned to train" in edited.output, edited.output
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "r" / "default").glob("*/summary.json")]
+    assert len({s["config"]["norm"]["plugin"]["source"] for s in summaries}) == 2
+
+
+@pytest.mark.parametrize("text, needles", [
+    (None, ["plugin", "no such file"]),
+    ("def broken(:\n", ["plugin", "syntax error at line 1"]),
+    ("import normbench\nraise RuntimeError('no GPU here')\n", ["plugin", "RuntimeError: no GPU here", "line 2"]),
+    ("import normbench\nnormbench.register_norm('bn', lambda c, k, o: None)\n", ["'bn' is already registered (built in)"]),
+    ("import normbench\nnormbench.register_norm('Bad Name', lambda c, k, o: None)\n", ["a norm name is lowercase"]),
+    ("from dataclasses import dataclass\nimport normbench\n@dataclass\nclass O:\n    width: int\n"
+     "normbench.register_norm('x', lambda c, k, o: None, options=O)\n", ["option 'width' needs a default"]),
+    ("from dataclasses import dataclass\nimport normbench\n@dataclass\nclass O:\n    position: str = 'x'\n"
+     "normbench.register_norm('x', lambda c, k, o: None, options=O)\n", ["may not declare 'position'"]),
+    ("from dataclasses import dataclass\nimport normbench\n@dataclass\nclass O:\n    f: object = print\n"
+     "normbench.register_norm('x', lambda c, k, o: None, options=O)\n", ["cannot be a config"]),
+    ("import sys\nsys.exit(3)\n", ["plugin", "SystemExit"]),
+])
+def test_a_bad_plugin_is_one_line_naming_it_and_exit_2(tmp_path, text, needles):
+    path = tmp_path / "bad.py" if text is None else write(tmp_path, text, "bad.py")
+    one_error_line(cli("list", "--plugin", path), str(path) if text is None else "bad", *needles)
+    assert "x" not in SCHEMAS["norm"]  # a plugin that fails half-way leaves nothing registered
+
+
+def test_a_module_plugin_that_is_not_installed_is_one_line():
+    one_error_line(cli("config", "--plugin", "no_such_pkg.plugin"), "no module named 'no_such_pkg.plugin'")
+
+
+def test_two_plugins_cannot_take_one_name(tmp_path):
+    plugins.load([write(tmp_path, PLUGIN)])
+    (tmp_path / "b").mkdir()
+    other = write(tmp_path / "b", PLUGIN, "otherplug.py")
+    with pytest.raises(UserError, match="'scale' is already registered \\(by plugin scaleplug\\)"):
+        plugins.load([other])
+
+
+def test_a_plugin_norm_that_crashes_fails_the_check_with_exit_1(tmp_path):
+    crashing = PLUGIN.replace("return x / (", "raise ValueError('boom')\n        return x / (")
+    result = cli("check", "--plugin", write(tmp_path, crashing), "norm=scale", "model=mlp")
+    assert result.exit_code == 1 and "fail" in result.output and "ValueError: boom" in result.output
+
+
+def test_check_measures_the_example_as_batch_dependent_and_the_plugin_as_not(tmp_path):
+    from normbench import conformance
+
+    plugins.load([EXAMPLE, write(tmp_path, PLUGIN)])
+    loo = conformance.norm_on_kind("loo_bn", "spatial")
+    scale = conformance.norm_on_kind("scale", "flat")
+    assert not loo.failed and loo.results["batch-dependent"].status == "yes"
+    assert not scale.failed and scale.results["batch-dependent"].status == "no"
+    assert conformance.norm_on_kind("loo_bn", "flat").results["builds"].status == "refused"
+
+
+# ---- a config never loads code --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", ["+plugin=evil.py", "+norm.plugin=evil.py", "norm._target_=os.system",
+                                      "hydra.searchpath=[file:///tmp]"])
+def test_a_config_cannot_name_a_plugin_or_code(override):
+    with pytest.raises(UserError):
+        compose([override])
+
+
+def test_a_plugin_yaml_cannot_sneak_code_in(tmp_path):
+    plugins.load([write(tmp_path, PLUGIN)])
+    (tmp_path / "conf" / "norm").mkdir(parents=True)
+    (tmp_path / "conf" / "norm" / "scale2.yaml").write_text(
+        "defaults: [schema_scale, _self_]\nname: scale\ngain: 2.0\n_target_: os.system\n")
+    with pytest.raises(UserError, match="_target_ is refused"):
+        compose(["norm=scale2"], tmp_path / "conf")
+    (tmp_path / "conf" / "norm" / "scale2.yaml").write_text(
+        "defaults: [schema_scale, _self_]\nname: scale\ngain: ${oc.env:HOME}\n")
+    with pytest.raises(UserError):  # typed: a float, whatever the interpolation gives
+        compose(["norm=scale2"], tmp_path / "conf")
+
+
+def test_a_plugin_yaml_is_typed_against_the_plugin_options(tmp_path):
+    plugins.load([write(tmp_path, PLUGIN)])
+    folder = tmp_path / "conf" / "norm"
+    folder.mkdir(parents=True)
+    (folder / "loud.yaml").write_text("defaults: [scale, _self_]\ngain: 3\n")
+    assert compose(["norm=loud"], tmp_path / "conf").norm.gain == 3.0
+    (folder / "loud.yaml").write_text("defaults: [scale, _self_]\ngain: very\n")
+    result = cli("config", "--plugin", tmp_path / "scaleplug.py", "-c", tmp_path / "conf", "norm=loud")
+    one_error_line(result, "gain")
+    (folder / "loud.yaml").write_text("name: scale\ngain: 3\n")  # no schema named: one line, not a crash
+    with pytest.raises(UserError, match="defaults: \\[schema_scale, _self_\\]"):
+        compose(["norm=loud"], tmp_path / "conf")
+
+
+# ---- other processes load the same plugins --------------------------------------------------------------
+
+
+def _sweep_overrides(results: Path) -> list[str]:
+    return [*TINY_DATA, "model=cnn", "model.channels=[4,8]", "norm=loo_bn", "batch_size=16,32", "epochs=1",
+            "device=cpu", f"results_dir={results}"]
+
+
+def test_jobs_workers_load_the_plugins(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMBENCH_WORKER_START_SECONDS", "0")
+    result = cli("sweep", "--plugin", EXAMPLE, *_sweep_overrides(tmp_path), "--jobs", "2")
+    assert result.exit_code == 0 and "trained 2" in result.output, result.output
+
+
+def test_submitit_workers_load_the_plugins(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = cli("sweep", "--plugin", EXAMPLE, *_sweep_overrides(tmp_path), "hydra/launcher=submitit_local")
+    assert result.exit_code == 0 and "trained 2" in result.output, result.output
+    ids = sorted(p.name for p in (tmp_path / "default").glob("cnn-loo_bn-*"))
+    assert len(ids) == 2
+
+
+def test_an_installed_entry_point_is_loaded_without_naming_it(tmp_path):
+    (tmp_path / "scaleplug.py").write_text(textwrap.dedent(PLUGIN))
+    dist = tmp_path / "scaleplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: scaleplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[normbench.plugins]\nscale = scaleplug\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "normbench", "config", "norm=scale"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "# run_id: mlp-scale-b64" in out.stdout and "scaleplug 1.0 sha256:" in out.stdout
