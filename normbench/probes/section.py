@@ -21,7 +21,7 @@ from normbench.probes import PROBES, columns
 from normbench.probes import figures as fg
 
 
-def _read(folders: list[Path]) -> tuple[dict[str, pd.DataFrame], list[dict], list[str]]:
+def read_tables(folders: list[Path]) -> tuple[dict[str, pd.DataFrame], list[dict], list[str]]:
     """Each probe's rows over every finished run, the runs' summaries, and warnings for damaged files."""
     tables: dict[str, list] = {name: [] for name in PROBES}
     runs, warnings = [], []
@@ -189,7 +189,7 @@ SECTIONS = {"batch_stats": _batch_stats, "landscape": _landscape, "ics": _ics, "
 def probes_section(run_folders: list[Path], out: Path) -> tuple[list[str], list[Path]]:
     """The report's probes section from finished runs' folders: markdown lines (figure links relative to
     `out`) and the figure files written into `out`. ([], []) when no run carries probes."""
-    tables, runs, warnings = _read(list(run_folders))
+    tables, runs, warnings = read_tables(list(run_folders))
     if not tables:
         return [], []
     paths: list[Path] = []

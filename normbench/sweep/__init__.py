@@ -38,7 +38,7 @@ from normbench.sweep.workers import Workers, cpu_cores
 __all__ = ["RETRIED", "CheckCache", "Planned", "SweepOutcome", "Workers", "capped_jobs", "check_job",
            "check_launcher", "compose_primary", "configured_launcher", "cpu_cores", "expand", "hydra_multirun",
            "iter_plan", "launcher_of", "plan", "run", "run_state", "should_train", "to_train", "train_all",
-           "train_job"]
+           "train_job", "train_planned"]
 
 
 @dataclass
@@ -181,6 +181,25 @@ def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[
                f"each), so it trains {how}")
 
 
+def train_planned(planned: list[Planned], jobs: int = 1, retry_failed: bool = False, display=None) -> SweepOutcome:
+    """Train a complete plan on this machine: sequentially, or with as many of `jobs` workers as its estimated
+    training time pays for. (`run` does this for a small sweep; the claims suite for the union of its plans.)"""
+    jobs, note = paying_jobs(planned, jobs, retry_failed)
+    if note and display is not None:
+        display.note(note)
+    outcome = SweepOutcome(planned, retry_failed)
+    with ExitStack() as stack:
+        workers = stack.enter_context(Workers(jobs, retry_failed)) if jobs > 1 else None
+        with watching(planned, retry_failed, display, training=workers.training if workers else None):
+            if workers is None:
+                outcome.outcomes = train_all(to_train(planned, retry_failed), retry_failed, display)
+            else:
+                for p in planned:
+                    workers.offer(p)
+                outcome.outcomes = _join(workers, retry_failed)
+    return outcome
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
     """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
@@ -196,20 +215,8 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     check_launcher(launcher)
     shown = display.planned if display is not None else (lambda p: None)
     if launcher == "basic" and jobs > 1 and len(expand(overrides, config_dir)) <= OVERLAP_JOBS:
-        planned = plan(overrides, config_dir, shown)  # small: planned in seconds, then workers only if they pay
-        jobs, note = paying_jobs(planned, jobs, retry_failed)
-        if note and display is not None:
-            display.note(note)
-        outcome = SweepOutcome(planned, retry_failed)
-        with ExitStack() as stack:
-            workers = stack.enter_context(Workers(jobs, retry_failed)) if jobs > 1 else None
-            with watching(planned, retry_failed, display, training=workers.training if workers else None):
-                if workers is None:
-                    outcome.outcomes = train_all(to_train(planned, retry_failed), retry_failed, display)
-                else:
-                    for p in planned:
-                        workers.offer(p)
-                    outcome.outcomes = _join(workers, retry_failed)
+        # small: planned in seconds, then workers only if they pay
+        outcome = train_planned(plan(overrides, config_dir, shown), jobs, retry_failed, display)
     elif launcher == "basic" and jobs > 1:
         with Workers(jobs, retry_failed) as workers:
             def on_planned(p: Planned) -> None:

@@ -1,0 +1,169 @@
+"""A claim's verdict, computed from its runs: pure pandas, no I/O.
+
+Each `Check` of a claim becomes one row per condition that has runs at both of its levels (a factor
+comparison, `analysis.effects.factor_effects`), or over the same runs (two metrics, paired), or against
+a constant (one metric). Every row of a claim is one test of one family: Holm's correction runs over all of
+them. A row then reads:
+
+* ``>`` / ``<``: supported when the adjusted p-value is below 0.05 with the predicted sign, contradicted
+  when it is below 0.05 with the other sign, not detected otherwise;
+* ``=``: supported when the 95% interval lies within ±margin (or, for margin 0, when every seed's
+  difference is exactly 0), contradicted when the interval lies wholly outside ±margin, inconclusive between;
+* ``not_below``: supported when the interval's lower end is above -margin, contradicted when its upper end is
+  below -margin, inconclusive between.
+
+A row without an interval (one seed, or seeds that all agree on a non-zero difference) is inconclusive. The
+claim: inconclusive when a check has no rows (its runs did not finish, or diverged); contradicted when any row is;
+supported when every row is; inconclusive when a row is; otherwise not detected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from normbench.analysis import effects as fx
+from normbench.analysis.stats import holm, paired_test, welch_test
+from normbench.claims.catalog import Check, Claim
+
+LEVEL = 0.05
+VERDICTS = ("supported", "contradicted", "not detected", "inconclusive")
+
+
+@dataclass
+class Judgement:
+    claim: Claim
+    verdict: str
+    rows: pd.DataFrame  # one row per tested condition: the check, the effect, its interval, p, p_holm, the outcome
+    why: str = ""  # for inconclusive: what was missing
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> pd.Series | None:
+        """The row the claims table shows: the first check's first condition."""
+        return None if self.rows.empty else self.rows.iloc[0]
+
+
+def with_claim_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs table plus the metrics claims compare that a run's summary does not hold directly:
+    ``gap`` (`effects.with_derived`) and ``test_acc_or_chance`` (a diverged run counts at chance accuracy)."""
+    runs = fx.with_derived(runs)
+    if runs.empty:
+        return runs
+    known = _classes(runs)
+    if "config.data.num_classes" in runs.columns:  # synthetic data says how many it has
+        known = pd.to_numeric(runs["config.data.num_classes"], errors="coerce").fillna(known)
+    chance = 100.0 / known
+    diverged = runs.status == "diverged"
+    return runs.assign(test_acc_or_chance=runs.test_acc.where(~diverged, chance))
+
+
+def _classes(runs: pd.DataFrame) -> pd.Series:
+    known = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+    return runs["config.data.name"].map(known).astype(float)
+
+
+def _rows(runs: pd.DataFrame, check: Check) -> pd.DataFrame:
+    if check.factor == "metric":
+        return fx.metric_effects(runs, check.a, check.b, where=check.where)
+    if check.factor == "value":
+        return _versus_constant(runs, check)
+    if check.factor == "cells":
+        return _cells(runs, check)
+    usable = runs
+    if check.metric == "test_acc_or_chance":  # diverged runs take part: the metric gives them a value
+        usable = usable.assign(status=usable.status.replace({"diverged": "completed"}))
+    if check.factor == "config.norm_batch_size" and check.factor in usable.columns:
+        # a normalization batch of the whole batch is plain BN, and a run may have recorded it as unset
+        usable = usable.assign(**{check.factor: usable[check.factor].fillna(usable.batch_size)})
+    return fx.factor_effects(usable, check.factor, check.a, check.b, check.metric, paired=check.paired,
+                             where=check.where)
+
+
+def _versus_constant(runs: pd.DataFrame, check: Check) -> pd.DataFrame:
+    sel = fx._restrict(runs, check.where)
+    sel = sel[sel.status == "completed"]
+    if check.a not in sel.columns or sel.empty:
+        return pd.DataFrame()
+    values = pd.to_numeric(sel[check.a], errors="coerce").to_numpy()
+    test = paired_test(values, np.full(len(values), float(check.b)))
+    return pd.DataFrame([{"metric": check.a, "factor": "value", "level_a": check.a, "level_b": str(check.b),
+                          "effect": test.effect, "ci95": test.ci95, "p": test.p, "p_holm": math.nan,
+                          "test": "one-sample", "n_a": test.n_a, "n_b": 0, "why": test.why}])
+
+
+def _cells(runs: pd.DataFrame, check: Check) -> pd.DataFrame:
+    """Two cells that differ in more than one setting (SkipInit without norm against BN with plain blocks)."""
+    a = fx._restrict(runs, {**check.where, **check.a})
+    b = fx._restrict(runs, {**check.where, **check.b})
+    a, b = a[a.status == "completed"], b[b.status == "completed"]
+    if a.empty or b.empty or check.metric not in runs.columns:
+        return pd.DataFrame()
+    test = welch_test(a[check.metric], b[check.metric])
+    words = lambda cell: ", ".join(f"{k.removeprefix('config.')}={v}" for k, v in cell.items())  # noqa: E731
+    return pd.DataFrame([{"metric": check.metric, "factor": "cells", "level_a": words(check.a),
+                          "level_b": words(check.b), "effect": test.effect, "ci95": test.ci95, "p": test.p,
+                          "p_holm": math.nan, "test": test.kind, "n_a": test.n_a, "n_b": test.n_b, "why": test.why}])
+
+
+def _exactly_equal(runs: pd.DataFrame, check: Check, row: pd.Series) -> bool:
+    """Every seed's difference is exactly zero (an `=` check with margin 0: the same computation)."""
+    return row.effect == 0 and not np.isfinite(row.ci95) and row.n_a > 1 and row.why is not None
+
+
+def outcome(check: Check, row: pd.Series, exact: bool = False) -> str:
+    """One row's outcome under its check's expectation (see the module docstring)."""
+    d, h, p = float(row.effect), float(row.ci95), float(row.p_holm)
+    if check.expect == "=" and exact:
+        return "supported"
+    if not np.isfinite(d) or not np.isfinite(h):
+        return "inconclusive"
+    lo, hi = d - h, d + h
+    if check.expect in (">", "<"):
+        if not p < LEVEL:
+            return "not detected"
+        return "supported" if (d > 0) == (check.expect == ">") else "contradicted"
+    if check.expect == "=":
+        if -check.margin <= lo and hi <= check.margin:
+            return "supported"
+        return "contradicted" if (lo > check.margin or hi < -check.margin) else "inconclusive"
+    # not_below
+    if lo > -check.margin:
+        return "supported"
+    return "contradicted" if hi < -check.margin else "inconclusive"
+
+
+def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
+    """The claim's verdict from its runs (the runs table of the runs its preset planned)."""
+    runs = with_claim_metrics(runs)
+    frames, missing = [], []
+    for i, check in enumerate(claim.checks):
+        rows = _rows(runs, check) if not runs.empty else pd.DataFrame()
+        if rows.empty:
+            missing.append(check.says)
+            continue
+        frames.append(rows.assign(check=i, says=check.says, expect=check.expect, margin=check.margin))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty:
+        return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
+    table["p_holm"] = holm(table.p.tolist())
+    table["outcome"] = [outcome(claim.checks[int(r.check)], r, _exactly_equal(runs, claim.checks[int(r.check)], r))
+                        for _, r in table.iterrows()]
+    if missing:
+        return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
+    found = set(table.outcome)
+    for verdict in ("contradicted", "inconclusive"):
+        if verdict in found:
+            return Judgement(claim, verdict, table, _why(table) if verdict == "inconclusive" else "")
+    if found == {"supported"}:
+        return Judgement(claim, "supported", table)
+    return Judgement(claim, "not detected", table)
+
+
+def _why(table: pd.DataFrame) -> str:
+    rows = table[table.outcome == "inconclusive"]
+    reasons = sorted({str(r.why) if r.why else "the interval is too wide to decide" for _, r in rows.iterrows()})
+    return "; ".join(reasons)

@@ -1,0 +1,157 @@
+"""Running the claims suite: plan every claim's preset, train what is not finished through the sweep machinery,
+judge each claim from its own runs, and write ``claims.md`` and ``claims.csv``.
+
+Each claim's runs are the jobs its preset (``experiment=claims/<id>``, plus the paper-scale overrides with
+``--scale paper``, plus the user's overrides) plans. They all go to one experiment folder (``claims``, or
+``claims_paper``), so a run two claims need is trained once, and a second ``normbench claims`` resumes
+where the first stopped. On this machine the union of the plans is trained as one sweep (``--jobs`` as
+``normbench sweep``'s); with another Hydra launcher each claim's sweep is handed to it in turn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from normbench import analysis, results
+from normbench.claims.catalog import Claim
+from normbench.claims.judge import Judgement, judge
+from normbench.errors import UserError
+
+SCALES = ("small", "paper")
+
+
+def claim_overrides(claim: Claim, scale: str, overrides: list[str]) -> list[str]:
+    """The sweep overrides of one claim: its preset, the paper-scale changes, then the user's."""
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    paper = [*claim.paper, "name=claims_paper"] if scale == "paper" else []
+    return [f"experiment={claim.preset}", *paper, *overrides]
+
+
+@dataclass
+class SuiteOutcome:
+    plans: dict[str, list]  # claim id -> its Planned jobs
+    sweep: object = None  # the SweepOutcome of the training (None for a dry run)
+    seconds: float = 0.0
+    judgements: list[Judgement] = field(default_factory=list)
+    folder: Path | None = None
+
+    @property
+    def unique(self) -> list:
+        """The planned jobs of every claim, each run once (claims share runs)."""
+        seen, out = set(), []
+        for planned in self.plans.values():
+            for p in planned:
+                key = p.run_id or p.label
+                if key not in seen:
+                    seen.add(key)
+                    out.append(p)
+        return out
+
+
+def plan(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, dry_run: bool = False,
+         shown=None) -> SuiteOutcome:
+    from normbench import sweep as sweeps
+    from normbench.config import run_id
+
+    plans = {}
+    for claim in claims:
+        planned = sweeps.plan(claim_overrides(claim, scale, overrides), config_dir, shown, dry_run=dry_run)
+        for p in planned:
+            if p.cfg is not None and p.run_id is None:
+                p.run_id = run_id(p.cfg)
+        plans[claim.id] = planned
+    return SuiteOutcome(plans)
+
+
+def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, jobs: int = 1,
+        retry_failed: bool = False, display=None) -> SuiteOutcome:
+    """Plan every claim, stop before training if any job is invalid, train, then judge and write."""
+    from normbench import sweep as sweeps
+
+    t0 = time.perf_counter()
+    shown = display.planned if display is not None else None
+    launcher = sweeps.configured_launcher(claim_overrides(claims[0], scale, overrides), config_dir)
+    outcome = plan(claims, scale, overrides, config_dir, shown=shown)
+    invalid = [(cid, p) for cid, planned in outcome.plans.items() for p in planned if p.state == "invalid"]
+    if invalid:
+        cid, p = invalid[0]
+        raise UserError(f"claim {cid}: {len(invalid)} invalid {'job' if len(invalid) == 1 else 'jobs'}, "
+                        f"the first: {p.error} (normbench claims {cid} --dry-run lists them)")
+    if launcher == "basic":
+        outcome.sweep = sweeps.train_planned(outcome.unique, jobs, retry_failed, display)
+    else:
+        if jobs > 1:
+            raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
+                            "launcher's own parallelism instead")
+        for claim in claims:
+            outcome.sweep = sweeps.run(claim_overrides(claim, scale, overrides), config_dir,
+                                       retry_failed=retry_failed, display=display)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def judge_all(claims: list[Claim], outcome: SuiteOutcome) -> list[Judgement]:
+    """Each claim judged on the finished runs its preset planned (read back from their folders)."""
+    planned = [p for p in outcome.unique if p.cfg is not None]
+    if not planned:
+        raise UserError("no valid runs planned")
+    folder = results.experiment_dir(planned[0].cfg)
+    summaries, _, _ = results.scan(folder) if folder.is_dir() else ([], {}, [])
+    by_id = {s["run_id"]: s for s in summaries}
+    probes = probe_metrics([folder / rid for rid in by_id])
+    judgements = []
+    for claim in claims:
+        mine = [by_id[p.run_id] for p in outcome.plans[claim.id] if p.run_id in by_id]
+        runs = analysis.runs_table(mine) if mine else pd.DataFrame()
+        if not runs.empty and not probes.empty:
+            runs = runs.merge(probes, on="run_id", how="left")
+        judgements.append(judge(claim, runs))
+    outcome.judgements, outcome.folder = judgements, folder
+    return judgements
+
+
+def probe_metrics(folders: list[Path]) -> pd.DataFrame:
+    """One number per run and probe quantity a claim compares: ``ics_l2`` (‖G − G′‖ over layers after the first
+    and steps), ``loss_range`` and ``beta_smoothness`` (over steps), ``residual_ratio`` (Var(branch)/Var(skip)
+    at the first measured step, over blocks), ``bstats_slope`` (log-log slope of the batch mean's median error
+    against B at the last measured step, over layers). Empty when no run carries probes."""
+    if not any(any(f.glob("probe_*.csv")) for f in folders if f.is_dir()):
+        return pd.DataFrame()
+    from normbench.analysis import probes as ap
+    from normbench.probes.section import read_tables
+
+    tables, _, _ = read_tables(folders)
+    frames = []
+    if "ics" in tables:
+        frames.append(_wide(ap.per_run(tables["ics"], ["l2_diff"], min_depth=1), {"l2_diff": "ics_l2"}))
+    if "landscape" in tables:
+        frames.append(_wide(ap.per_run(tables["landscape"], ["loss_range", "beta_smoothness"]), {}))
+    if "residual" in tables:
+        frames.append(_wide(ap.per_run(tables["residual"], ["ratio"], steps="first"), {"ratio": "residual_ratio"}))
+    if "batch_stats" in tables:
+        frames.append(_slopes(tables["batch_stats"]))
+    out = None
+    for frame in frames:
+        out = frame if out is None else out.merge(frame, on="run_id", how="outer")
+    return out if out is not None else pd.DataFrame()
+
+
+def _wide(per_run: pd.DataFrame, names: dict) -> pd.DataFrame:
+    wide = per_run.pivot_table(index="run_id", columns="quantity", values="value").reset_index()
+    wide.columns.name = None
+    return wide.rename(columns=names)
+
+
+def _slopes(frame: pd.DataFrame) -> pd.DataFrame:
+    from normbench.analysis.probes import loglog_slope
+
+    f = frame[(frame.stat == "mean") & (frame["quantile"].astype(float).round(6) == 0.5)]
+    f = f[f.step == f.groupby("run_id").step.transform("max")]
+    per_layer = f.groupby(["run_id", "depth"])[["batch_size", "value"]].apply(
+        lambda g: loglog_slope(g.batch_size, g.value)).rename("bstats_slope").reset_index()
+    return per_layer.groupby("run_id", as_index=False).bstats_slope.mean()
