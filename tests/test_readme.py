@@ -17,7 +17,11 @@ TEXT = (Path(__file__).parent.parent / "README.md").read_text()
 # The "When something is wrong" table names bad input on purpose; everything else must be valid as written.
 _bad_start = TEXT.index("## When something is wrong")
 README = TEXT[:_bad_start] + TEXT[TEXT.index("\n## ", _bad_start + 1):]
-SPANS = re.findall(r"`([^`\n]+)`", README) + re.findall(r"```(?:bash)?\n(.*?)```", README, re.S)
+# Fenced blocks are paired by their opening line (```bash, ```python, ```): the text between two blocks is
+# not a block. Inline spans are looked for outside the blocks.
+BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```$", README, re.S | re.M)
+PROSE = re.sub(r"^```\w*\n.*?^```$", "", README, flags=re.S | re.M)
+SPANS = re.findall(r"`([^`\n]+)`", PROSE) + [text for lang, text in BLOCKS if lang in ("", "bash")]
 GROUPS = ("data", "model", "norm", "optim", "experiment")
 
 
@@ -61,9 +65,22 @@ def _all_keys() -> set[str]:
     return keys
 
 
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
 def _choices(group: str) -> set[str]:
+    """The packaged options, and those of the example plugin (examples/loo_bn.py and examples/GROUP/*.yaml)."""
+    from normbench import plugins
+
     folder = resources.files("normbench.conf") / group
-    return {e.name[:-5] for e in folder.iterdir() if e.name.endswith(".yaml")}
+    names = {e.name[:-5] for e in folder.iterdir() if e.name.endswith(".yaml")}
+    names |= {p.stem for p in (EXAMPLES / group).glob("*.yaml")}
+    try:
+        plugins.load([EXAMPLES / "loo_bn.py"], entry_points=False)
+        names |= {name for kind, name in plugins.ENTRIES if kind == group}
+    finally:
+        plugins.reset()
+    return names
 
 
 OVERRIDE = re.compile(r"(?<![\w.\-/])([a-z_]+(?:\.[a-z_]+)*)=([\w.,\-\[\]:()]+)")
@@ -72,7 +89,7 @@ OVERRIDE = re.compile(r"(?<![\w.\-/])([a-z_]+(?:\.[a-z_]+)*)=([\w.,\-\[\]:()]+)"
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_choice_named_exists(group):
     named = {v for span in SPANS for k, values in OVERRIDE.findall(span) if k == group for v in values.split(",")}
-    named = {n for n in named if n and n.isidentifier()}
+    named = {n for n in named if n and n.isidentifier() and not n.isupper()}  # NAME: a placeholder
     assert named <= _choices(group), named - _choices(group)
 
 
@@ -82,5 +99,6 @@ def test_every_config_key_named_exists():
              if "." in k and not k.startswith(("hydra.", "torch.", "os.", "builtins."))}
     named |= {span for span in SPANS if re.fullmatch(r"(data|model|norm|optim|eval|perf)(\.[a-z_]+)+", span)}
     assert len(named) > 15  # the README does name config keys
-    unknown = {k for k in named if k not in keys and not re.match(r"^norm\.noise\.(mean|std)$", k)}
+    unknown = {k for k in named if k not in keys and not re.match(r"^norm\.noise\.(mean|std)$", k)
+               and k != "norm.plugin"}  # (what a run records of a plugin's code, not a setting)
     assert not unknown, unknown

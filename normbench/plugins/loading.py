@@ -75,7 +75,7 @@ def in_process(*objects) -> Provenance:
             continue
         try:
             chunks.append(inspect.getsource(obj).encode())
-        except (OSError, TypeError):
+        except Exception:  # noqa: BLE001 - no source at hand (python -c, exec): OSError, TypeError, TokenError
             code = getattr(obj, "__code__", None)
             chunks.append(repr((code.co_code, code.co_consts) if code else obj.__qualname__).encode())
     module = next((getattr(o, "__module__", None) for o in objects if o is not None), None) or "__main__"
