@@ -225,7 +225,8 @@ def sweep(
 
         with SweepDisplay() as display:
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
-        command = "normbench sweep " + " ".join(overrides or []) + (f" --jobs {jobs}" if jobs > 1 else "")
+        command = "normbench sweep " + "".join(f"--plugin {p} " for p in plugin or []) + " ".join(overrides or []) \
+            + (f" --jobs {jobs}" if jobs > 1 else "")
         try:
             reports = report.after_sweep(outcome, command)
         except UserError:
