@@ -2,14 +2,16 @@
 
     python benchmarks/rnn_cells.py                  # batch 64, hidden 128, 28 steps, 2 threads, CPU
     python benchmarks/rnn_cells.py --csv benchmarks/results/cpu-rnn.csv
+    python benchmarks/rnn_cells.py --cells lstm --norms ln gn --repeats 31
 
-For each cell x norm, three things are timed in turn, repeat after repeat: normbench's cell, the
-same cell forced through its per-step loop (the reference the fused paths are tested against,
-and what every cell with a norm ran before them), and PyTorch's cell of the same size. Medians
-over the repeats (and the ratio of the fastest repeats, which load disturbs least); alternating
-means drift in machine load hits all three alike. The load average (os.getloadavg, 1 minute) is
-printed beside each row: on a shared machine only ratios measured side by side compare, and a
-busy machine slows the multithreaded kernels of both sides by tens of times.
+Every model is built first; then each repeat times, in turn, every cell's `nn.LSTM` / `nn.GRU`
+and, for every norm, normbench's cell and the same cell forced through its per-step loop (the
+reference the fused paths are tested against, and what every cell with a norm ran before them).
+A repeat's ratio divides a cell's time by the time of PyTorch's cell in the same repeat, so drift
+in the machine's load hits both sides of it alike; the table gives the median of those ratios over
+the repeats (and the median milliseconds). The load average is printed before and after: on a
+shared machine only ratios measured side by side compare, and a busy machine slows the
+multithreaded kernels of both sides by tens of times.
 """
 
 from __future__ import annotations
@@ -31,49 +33,65 @@ CELLS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 NORMS = ("none", "bn", "ln", "gn")
 
 
-def _timed(fn, inner: int) -> float:
+def _timed(fn, inner: int, sync) -> float:
     start = time.perf_counter()
     for _ in range(inner):
         fn()
+    sync()
     return (time.perf_counter() - start) / inner
 
 
-def measure(cell: str, norm: str, x: torch.Tensor, hidden: int, repeats: int, inner: int) -> dict:
-    """Median seconds per forward + backward of normbench's cell, its step loop and torch.nn's."""
+def _cell(cell: str, norm: str, x: torch.Tensor, hidden: int) -> torch.nn.Module:
     cfg = compose(["model=rnn", f"model.cell={cell}", f"model.hidden_size={hidden}", f"norm={norm}",
                    "data=synthetic"])
-    ours = build_model(cfg.model, (1, x.shape[0], x.shape[2]), 10, norm_factory(cfg), 0).cell.to(x.device)
-    loop = build_model(cfg.model, (1, x.shape[0], x.shape[2]), 10, norm_factory(cfg), 0).cell.to(x.device)
-    loop.use_loop = True
-    ref = CELLS[cell](x.shape[2], hidden).to(x.device)
-    runs = {"normbench": lambda: ours(x).sum().backward(), "loop": lambda: loop(x).sum().backward(),
-            "torch_nn": lambda: ref(x)[0][-1].sum().backward()}
-    times = {k: [] for k in runs}
+    return build_model(cfg.model, (1, x.shape[0], x.shape[2]), 10, norm_factory(cfg), 0).cell.to(x.device)
+
+
+def run(device: str = "cpu", batch: int = 64, hidden: int = 128, steps: int = 28, repeats: int = 15,
+        inner: int = 2, cells=tuple(CELLS), norms=NORMS) -> pd.DataFrame:
+    """One row per cell x norm: median ms of each side and the median of the per-repeat ratios."""
+    x = torch.randn(steps, batch, 28, device=device)  # (T, N, features): a batch of row-by-row MNIST
+    runs = {}  # (cell, norm, side) -> forward + backward
+    for cell in cells:
+        ref = CELLS[cell](x.shape[2], hidden).to(device)
+        runs[cell, None, "torch_nn"] = lambda ref=ref: ref(x)[0][-1].sum().backward()
+        for norm in norms:
+            ours, loop = _cell(cell, norm, x, hidden), _cell(cell, norm, x, hidden)
+            loop.use_loop = True
+            runs[cell, norm, "normbench"] = lambda m=ours: m(x).sum().backward()
+            runs[cell, norm, "loop"] = lambda m=loop: m(x).sum().backward()
+    sync = (lambda: torch.cuda.synchronize(device)) if x.device.type == "cuda" else (lambda: None)
     for fn in runs.values():  # warm-up: first calls pay one-time costs
         fn()
+    times = {key: [] for key in runs}
     for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(_timed(fn, inner))
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}  # the least disturbed repeat: load only ever adds time
-    return {"cell": cell, "norm": norm, "batch_size": x.shape[1], "normbench_ms": ms["normbench"],
-            "loop_ms": ms["loop"], "torch_nn_ms": ms["torch_nn"],
-            "slowdown_vs_torch_nn": ms["normbench"] / ms["torch_nn"],
-            "loop_slowdown_vs_torch_nn": ms["loop"] / ms["torch_nn"],
-            "best_slowdown_vs_torch_nn": best["normbench"] / best["torch_nn"], "load_1min": os.getloadavg()[0]}
-
-
-def run(device: str = "cpu", batch: int = 64, hidden: int = 128, steps: int = 28, repeats: int = 9,
-        inner: int = 2, progress=lambda row: None) -> pd.DataFrame:
-    x = torch.randn(steps, batch, 28, device=device)  # (T, N, features): a batch of row-by-row MNIST
+        for key, fn in runs.items():
+            times[key].append(_timed(fn, inner, sync))
     rows = []
-    for cell in CELLS:
-        for norm in NORMS:
-            rows.append(measure(cell, norm, x, hidden, repeats, inner))
-            progress(rows[-1])
+    for cell in cells:
+        ref = times[cell, None, "torch_nn"]
+        for norm in norms:
+            ours, loop = times[cell, norm, "normbench"], times[cell, norm, "loop"]
+            rows.append({"cell": cell, "norm": norm, "batch_size": batch,
+                         "normbench_ms": 1e3 * statistics.median(ours), "loop_ms": 1e3 * statistics.median(loop),
+                         "torch_nn_ms": 1e3 * statistics.median(ref),
+                         "slowdown_vs_torch_nn": statistics.median(a / b for a, b in zip(ours, ref)),
+                         "loop_slowdown_vs_torch_nn": statistics.median(a / b for a, b in zip(loop, ref)),
+                         "repeats": repeats})
     return pd.DataFrame(rows)
+
+
+def ratio_table(table: pd.DataFrame) -> str:
+    """Markdown: slowdown against torch.nn per cell x norm, the step loop's in brackets."""
+    norms = list(dict.fromkeys(table["norm"]))
+    lines = ["| cell | " + " | ".join(norms) + " |", "|---" * (len(norms) + 1) + "|"]
+    for cell, rows in table.groupby("cell", sort=False):
+        by_norm = {r.norm: r for r in rows.itertuples()}
+        cells = [f"{by_norm[n].slowdown_vs_torch_nn:.2f}×" + ("" if n == "none" else
+                                                              f" ({by_norm[n].loop_slowdown_vs_torch_nn:.2f}×)")
+                 for n in norms]
+        lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -81,15 +99,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
     parser.add_argument("--csv", type=Path, default=None, help="where to write the table (default: print only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"load before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads)")
-    table = run(args.device, args.batch, repeats=args.repeats,
-                progress=lambda r: print(f"{r['cell']} {r['norm']}: {r['slowdown_vs_torch_nn']:.2f}x", flush=True))
+    load = lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())  # noqa: E731
+    print(f"load before: {load()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)", flush=True)
+    table = run(args.device, args.batch, repeats=args.repeats, cells=args.cells, norms=args.norms)
+    print(f"load after: {load()}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("\nslowdown vs torch.nn, median of per-repeat ratios (the step loop's in brackets):")
+    print(ratio_table(table))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)

@@ -154,3 +154,30 @@ def test_inference_mode_forward(cell):
         out = fast(x)
     with torch.no_grad():
         torch.testing.assert_close(out, REFERENCE[cell](fast, x), rtol=1e-5, atol=1e-6)
+
+
+# The cells' parameter and buffer names as checkpoints made before the fast paths hold them: a run's
+# saved state_dict must load into today's cells unchanged (no migration).
+SAVED_NAMES = {
+    ("lstm", "bn"): ["bias", "w_x.weight", "w_h.weight"] + [
+        f"{norm}.{name}" for norm in ("norm_x", "norm_h", "norm_c")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")],
+    ("lstm", "ln"): ["bias", "w_x.weight", "w_h.weight"] + [
+        f"{norm}.norm.{name}" for norm in ("norm_x", "norm_h", "norm_c") for name in ("weight", "bias")],
+    ("gru", "bn"): ["bias", "bias_hn", "w_x.weight", "w_h.weight"] + [
+        f"{norm}.{name}" for norm in ("norm_x", "norm_h")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")],
+    ("gru", "gn"): ["bias", "bias_hn", "w_x.weight", "w_h.weight"] + [
+        f"{norm}.norm.{name}" for norm in ("norm_x", "norm_h") for name in ("weight", "bias")],
+}
+
+
+@pytest.mark.parametrize("cell, norm", list(SAVED_NAMES))
+def test_state_dict_names_are_those_of_saved_checkpoints(cell, norm):
+    fast = make_cell(cell, norm)
+    assert list(fast.state_dict()) == SAVED_NAMES[cell, norm]
+    again = make_cell(cell, norm, seed=1)
+    again.load_state_dict(fast.state_dict(), strict=True)
+    x = torch.randn(12, 4, SHAPE[0] * SHAPE[2])
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), fast.eval()(x))

@@ -36,15 +36,17 @@ class LSTMRecurrence(torch.autograd.Function):
         c = xs.new_zeros(steps + 1, n, hid)  # cell states, c_0 = 0
         hs = xs.new_zeros(steps + 1, n, hid)  # hidden states, h_0 = 0
         tanh_c = xs.new_empty(steps, n, hid)
-        i, f, o, s_g = (part.unbind(0) for part in s.split(hid, dim=2))
-        w_ht = w_h.t()
-        for t, x_t in enumerate(xs.unbind(0)):
-            y = norm_h.forward(torch.mm(hs[t], w_ht, out=a[t]), w_nh2, b_nh2, t)
-            torch.sigmoid(y.addcmul_(x_t, k), out=s[t])
-            c_t = torch.mul(f[t], c[t], out=c[t + 1])  # c = f c + i g, with g = 2 s_g - 1
-            c_t.sub_(i[t]).addcmul_(i[t], s_g[t], value=2)
-            torch.tanh(norm_c.forward(c_t, w_nc, b_nc, t), out=tanh_c[t])
-            torch.mul(o[t], tanh_c[t], out=hs[t + 1])
+        w_ht, h_all, c_all = w_h.t(), hs.unbind(0), c.unbind(0)
+        # every step's views, made in one call each rather than one per step
+        views = zip(xs.unbind(0), a.unbind(0), s.unbind(0), *(part.unbind(0) for part in s.split(hid, dim=2)),
+                    tanh_c.unbind(0))
+        for t, (x_t, a_t, s_t, i, f, o, s_g, tanh_c_t) in enumerate(views):
+            y = norm_h.forward(torch.mm(h_all[t], w_ht, out=a_t), w_nh2, b_nh2, t)
+            torch.sigmoid(y.addcmul_(x_t, k), out=s_t)
+            c_t = torch.mul(f, c_all[t], out=c_all[t + 1])  # c = f c + i g, with g = 2 s_g - 1
+            c_t.sub_(i).addcmul_(i, s_g, value=2)
+            torch.tanh(norm_c.forward(c_t, w_nc, b_nc, t), out=tanh_c_t)
+            torch.mul(o, tanh_c_t, out=h_all[t + 1])
         ctx.norms = norm_h, norm_c
         ctx.save_for_backward(w_h, w_nh, w_nc, s, c, hs, tanh_c, a)
         return hs[steps].clone()
@@ -71,18 +73,21 @@ class LSTMRecurrence(torch.autograd.Function):
         norm_h, norm_c = ctx.norms
         steps, n, hid = c.shape[0] - 1, c.shape[1], c.shape[2]
         p, p_c = LSTMRecurrence.factors(s, c, tanh_c)
-        f = s[:, :, hid:2 * hid]
         dxs = torch.empty_like(s)  # the gates' gradients: xs's, and norm_h's output's
-        dxs4 = dxs.view(steps, n, 4, hid)
         dys_c = torch.empty_like(tanh_c)  # norm_c's output's
         das = torch.empty_like(a)  # norm_h's input's
-        dc = None
-        for t in reversed(range(steps)):
-            dc_t = norm_c.backward(torch.mul(dh, p_c[t], out=dys_c[t]), w_nc, t)
-            dc = dc_t if dc is None else dc_t.addcmul_(dc, f[t + 1])
-            torch.mul(dc.unsqueeze(1), p[t], out=dxs4[t])
-            torch.mul(dh, p[t, :, 2], out=dxs4[t, :, 2])  # o takes its gradient from h_t, not c_t
-            dh = torch.mm(norm_h.backward(dxs[t], w_nh, t, out=das[t]), w_h)
+        # every step's views, made in one call each rather than one per step
+        views = zip(p.unbind(0), p[:, :, 2].unbind(0), p_c.unbind(0), dxs.unbind(0),
+                    dxs.view(steps, n, 4, hid).unbind(0), dxs[:, :, 2 * hid:3 * hid].unbind(0), dys_c.unbind(0),
+                    das.unbind(0), s[:, :, hid:2 * hid].unbind(0))
+        dc = f_next = None
+        for t, (p_t, p_o, p_c_t, dx_t, dx4_t, dx_o, dy_c, da_t, f_t) in reversed(list(enumerate(views))):
+            dc_t = norm_c.backward(torch.mul(dh, p_c_t, out=dy_c), w_nc, t)
+            dc = dc_t if dc is None else dc_t.addcmul_(dc, f_next)
+            f_next = f_t
+            torch.mul(dc.unsqueeze(1), p_t, out=dx4_t)
+            torch.mul(dh, p_o, out=dx_o)  # o takes its gradient from h_t, not c_t
+            dh = torch.mm(da_t.copy_(norm_h.backward(dx_t, w_nh, t)), w_h)
         dw_h = das.view(-1, 4 * hid).t() @ hs[:-1].view(-1, hid)
         return dxs, dw_h, *norm_h.param_grads(dxs), *norm_c.param_grads(dys_c), None, None
 
@@ -129,6 +134,6 @@ class GRURecurrence(torch.autograd.Function):
             _aten.sigmoid_backward.grad_input(drz, rz[t], grad_input=dy[:, :2 * hid])
             torch.mul(dv, r, out=dy[:, 2 * hid:])
             dxs[t, :, :2 * hid] = dy[:, :2 * hid]
-            dh = torch.addmm(dh_z, ctx.norm_h.backward(dy, w_n, t, out=das[t]), w_h)
+            dh = torch.addmm(dh_z, das[t].copy_(ctx.norm_h.backward(dy, w_n, t)), w_h)
         dw_h = das.view(-1, 3 * hid).t() @ hs[:-1].view(-1, hid)
         return dxs, dw_h, *ctx.norm_h.param_grads(dys), None

@@ -2,10 +2,11 @@
 
 A twin does what the cell's norm module does at one step, on tensors the recurrence owns:
 `forward(a, weight, bias, t)` gives ``weight * normalize(a) + bias`` and keeps what the backward
-pass needs; `backward(dy, weight, t, out)` gives the gradient wrt `a` (written into `out` when
-given: the recurrence collects them for W_h's gradient); `param_grads(dys)` the affine's gradients
-summed over the steps, where `dys` (T, N, C) holds every step's `dy`. The input `a` of each step
-must stay unchanged until the backward pass (the recurrences keep them in buffers of their own).
+pass needs; `backward(dy, weight, t)` gives the gradient wrt `a`; `param_grads(dys)` the affine's
+gradients summed over the steps, where `dys` (T, N, C) holds every step's `dy`. The input `a` of each
+step must stay unchanged until the backward pass (the recurrences keep them in buffers of their
+own). No `out=` variants of the norm kernels: on CPU they compute into new tensors and copy, which
+costs more than the kernel.
 """
 
 from __future__ import annotations
@@ -19,28 +20,30 @@ _aten = torch.ops.aten
 _ALL = [True, True, True]
 
 
+def _summed(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-step (d weight, d bias) pairs summed over the steps."""
+    return [torch.stack(g).sum(0) for g in zip(*grads)]
+
+
 class LayerStats:
     """LN over the features of each sample: `StepNorm(nn.LayerNorm)`'s twin."""
 
     def __init__(self, eps: float, steps: int, like: torch.Tensor):
-        self.eps, self.saved = eps, []
-        self.dw = like.new_empty(steps, like.shape[-1])  # each step's affine gradients
-        self.db = like.new_empty(steps, like.shape[-1])
+        self.eps, self.saved, self.grads = eps, [], []
 
     def forward(self, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t: int) -> torch.Tensor:
         y, mean, rstd = torch.native_layer_norm(a, a.shape[1:], weight, bias, self.eps)
         self.saved.append((a, mean, rstd, bias))
         return y
 
-    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
         a, mean, rstd, bias = self.saved[t]
-        da = torch.empty_like(a) if out is None else out
-        _aten.native_layer_norm_backward.out(dy, a, a.shape[1:], mean, rstd, weight, bias, _ALL,
-                                             out0=da, out1=self.dw[t], out2=self.db[t])
+        da, dw, db = _aten.native_layer_norm_backward(dy, a, a.shape[1:], mean, rstd, weight, bias, _ALL)
+        self.grads.append((dw, db))
         return da
 
     def param_grads(self, dys: torch.Tensor) -> list[torch.Tensor]:
-        return [self.dw.sum(0), self.db.sum(0)]
+        return _summed(self.grads)
 
 
 class GroupStats:
@@ -54,18 +57,15 @@ class GroupStats:
 
     def forward(self, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t: int) -> torch.Tensor:
         rows = a.view(-1, a.shape[1] // self.groups)  # (N * G, C / G)
-        ahat = self.ahat[t]
-        _, mean, rstd = _aten.native_layer_norm.out(rows, rows.shape[1:], None, None, self.eps,
-                                                    out0=ahat.view_as(rows), out1=a.new_empty(0),
-                                                    out2=a.new_empty(0))
+        ahat, mean, rstd = torch.native_layer_norm(rows, rows.shape[1:], None, None, self.eps)
+        ahat = self.ahat[t].copy_(ahat.view_as(a))
         self.saved.append((rows, mean, rstd))
         return torch.addcmul(bias, ahat, weight)
 
-    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
         rows, mean, rstd = self.saved[t]
-        da = _aten.native_layer_norm_backward((dy * weight).view_as(rows), rows, rows.shape[1:], mean, rstd, None,
-                                              None, [True, False, False])[0].view_as(dy)
-        return da if out is None else out.copy_(da)
+        return _aten.native_layer_norm_backward((dy * weight).view_as(rows), rows, rows.shape[1:], mean, rstd, None,
+                                                None, [True, False, False])[0].view_as(dy)
 
     def param_grads(self, dys: torch.Tensor) -> list[torch.Tensor]:
         return [(dys * self.ahat).sum((0, 1)), dys.sum((0, 1))]
@@ -77,14 +77,12 @@ class BatchStats:
     training updates that row. Counts every step in num_batches_tracked at once."""
 
     def __init__(self, bn: RecurrentBatchNorm, steps: int, like: torch.Tensor):
-        self.bn, self.eps, self.saved = bn, bn.eps, []
+        self.bn, self.eps, self.saved, self.grads = bn, bn.eps, [], []
         self.batch = bn.training or not bn.track_running_stats
         self.rows = [bn.row(t) for t in range(steps)]
         self.factors = [0.0] * steps
         if bn.training and bn.track_running_stats:
             self.factors = self._count()
-        self.dw = like.new_empty(steps, like.shape[-1])
-        self.db = like.new_empty(steps, like.shape[-1])
 
     def _count(self) -> list[float]:
         """Add every step's batch to num_batches_tracked; return the momentum of each step's update
@@ -111,15 +109,15 @@ class BatchStats:
         self.saved.append((a, mean, var, save_mean, save_invstd))
         return y
 
-    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def backward(self, dy: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
         a, mean, var, save_mean, save_invstd = self.saved[t]
-        da = torch.empty_like(a) if out is None else out
-        _aten.native_batch_norm_backward.out(dy, a, weight, mean, var, save_mean, save_invstd, self.batch, self.eps,
-                                             _ALL, out0=da, out1=self.dw[t], out2=self.db[t])
+        da, dw, db = _aten.native_batch_norm_backward(dy, a, weight, mean, var, save_mean, save_invstd, self.batch,
+                                                      self.eps, _ALL)
+        self.grads.append((dw, db))
         return da
 
     def param_grads(self, dys: torch.Tensor) -> list[torch.Tensor]:
-        return [self.dw.sum(0), self.db.sum(0)]
+        return _summed(self.grads)
 
 
 def twin(norm: nn.Module, like: torch.Tensor) -> tuple[LayerStats | GroupStats | BatchStats, torch.Tensor,
