@@ -386,7 +386,8 @@ def _print_claims(judgements) -> None:
     for j in judgements:
         effect, ci = effect_text(j.headline)
         table.add_row(j.claim.id, f"[{colors[j.verdict]}]{j.verdict}[/]",
-                      escape(j.headline.says if j.headline is not None else j.why), f"{effect} {ci}".strip(" -"))
+                      escape(j.headline.says if j.headline is not None else j.why),
+                      "" if effect == "-" else effect if ci == "-" else f"{effect} {ci}")
     console.print(table)
 
 

@@ -61,9 +61,15 @@ def test_outcome_follows_the_expectation(expect, effect, ci95, p, margin, want):
     assert outcome(check, _row(effect, ci95, p)) == want
 
 
-def test_exact_equality_in_every_seed_supports_an_equality():
-    check = Check("norm", "a", "b", "=")
-    assert outcome(check, _row(0.0, math.nan, math.nan), exact=True) == "supported"
+def test_the_same_difference_in_every_seed_is_exact_for_equalities_only():
+    from normbench.analysis.stats import NO_SPREAD
+
+    same = _row(0.0, math.nan, math.nan, why=NO_SPREAD)
+    assert outcome(Check("norm", "a", "b", "="), same) == "supported"
+    assert outcome(Check("norm", "a", "b", "not_below", margin=1.0), same) == "supported"
+    assert outcome(Check("norm", "a", "b", "=", margin=0.5), _row(2.0, math.nan, math.nan, why=NO_SPREAD)) \
+        == "contradicted"
+    assert outcome(Check("norm", "a", "b", ">"), _row(2.0, math.nan, math.nan, why=NO_SPREAD)) == "inconclusive"
 
 
 # ---- the catalog against its presets ------------------------------------------------------------------
@@ -161,3 +167,15 @@ def test_claims_user_errors_are_one_line(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error:") and result.output.count("\n") == 1, result.output
+
+
+def test_probe_metrics_reach_the_judge(tmp_path):
+    """batch_noise reads the batch-statistics probe's tables: its check gets a slope from every run."""
+    args = ["claims", "batch_noise", *SYNTHETIC, "data.num_train=256", "data.num_test=64", "epochs=1",
+            "model.width=16", "seed=0,1", "probes.batch_stats.every=4", "probes.batch_stats.samples=128",
+            "probes.batch_stats.sizes=[2,4,8,16]", f"results_dir={tmp_path}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    checks = pd.read_csv(tmp_path / "claims" / "claims_checks.csv")
+    assert list(checks.test) == ["one-sample"] and checks.n_a.iloc[0] == 2
+    assert -1.0 < checks.effect.iloc[0] + -0.5 < 0.0  # a slope between -1 and 0, as a batch mean's error has

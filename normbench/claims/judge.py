@@ -7,12 +7,14 @@ them. A row then reads:
 
 * ``>`` / ``<``: supported when the adjusted p-value is below 0.05 with the predicted sign, contradicted
   when it is below 0.05 with the other sign, not detected otherwise;
-* ``=``: supported when the 95% interval lies within ±margin (or, for margin 0, when every seed's
-  difference is exactly 0), contradicted when the interval lies wholly outside ±margin, inconclusive between;
-* ``not_below``: supported when the interval's lower end is above -margin, contradicted when its upper end is
-  below -margin, inconclusive between.
+* ``=``: supported when the 95% interval lies within ±margin, contradicted when it lies wholly outside
+  ±margin, inconclusive between;
+* ``not_below``: supported when the interval's lower end is at or above -margin, contradicted when its upper
+  end is below -margin, inconclusive between.
 
-A row without an interval (one seed, or seeds that all agree on a non-zero difference) is inconclusive. The
+Where every seed gives the same difference (gn with one group against ln: the same computation, a difference
+of exactly 0 in every seed), that difference is taken as exact for ``=`` and ``not_below``; for ``>`` and
+``<`` there is then no test, and the row is inconclusive, as is any row from a single seed. The
 claim: inconclusive when a check has no rows (its runs did not finish, or diverged); contradicted when any row is;
 supported when every row is; inconclusive when a row is; otherwise not detected.
 """
@@ -26,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis import effects as fx
-from normbench.analysis.stats import holm, paired_test, welch_test
+from normbench.analysis.stats import NO_SPREAD, holm, paired_test, welch_test
 from normbench.claims.catalog import Check, Claim
 
 LEVEL = 0.05
@@ -109,16 +111,11 @@ def _cells(runs: pd.DataFrame, check: Check) -> pd.DataFrame:
                           "p_holm": math.nan, "test": test.kind, "n_a": test.n_a, "n_b": test.n_b, "why": test.why}])
 
 
-def _exactly_equal(runs: pd.DataFrame, check: Check, row: pd.Series) -> bool:
-    """Every seed's difference is exactly zero (an `=` check with margin 0: the same computation)."""
-    return row.effect == 0 and not np.isfinite(row.ci95) and row.n_a > 1 and row.why is not None
-
-
-def outcome(check: Check, row: pd.Series, exact: bool = False) -> str:
+def outcome(check: Check, row: pd.Series) -> str:
     """One row's outcome under its check's expectation (see the module docstring)."""
     d, h, p = float(row.effect), float(row.ci95), float(row.p_holm)
-    if check.expect == "=" and exact:
-        return "supported"
+    if row.why == NO_SPREAD and check.expect in ("=", "not_below") and np.isfinite(d):
+        h = 0.0  # every seed gave the same difference (an identical computation): the effect is known exactly
     if not np.isfinite(d) or not np.isfinite(h):
         return "inconclusive"
     lo, hi = d - h, d + h
@@ -131,7 +128,7 @@ def outcome(check: Check, row: pd.Series, exact: bool = False) -> str:
             return "supported"
         return "contradicted" if (lo > check.margin or hi < -check.margin) else "inconclusive"
     # not_below
-    if lo > -check.margin:
+    if lo >= -check.margin:
         return "supported"
     return "contradicted" if hi < -check.margin else "inconclusive"
 
@@ -150,8 +147,7 @@ def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
     if table.empty:
         return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
     table["p_holm"] = holm(table.p.tolist())
-    table["outcome"] = [outcome(claim.checks[int(r.check)], r, _exactly_equal(runs, claim.checks[int(r.check)], r))
-                        for _, r in table.iterrows()]
+    table["outcome"] = [outcome(claim.checks[int(r.check)], r) for _, r in table.iterrows()]
     if missing:
         return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
     found = set(table.outcome)

@@ -46,7 +46,7 @@ NOT_HASHED = ("name", "results_dir", "device", "data.root", "checkpoint", "keep_
 # A key a config does not have (model.residual on a model other than resnet20) is not hashed either.
 HASHED_WHEN_SET = {"optim.norm_weight_decay": None, "data.batch_classes": None, "eval.shifts": [],
                    "norm_batch_size": None, "norm.noise": {"mean": 0.0, "std": 0.0},
-                   "model.residual": "standard"}
+                   "model.residual": "standard", "model.head": "gap"}
 _ABSENT = object()
 
 

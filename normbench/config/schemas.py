@@ -44,6 +44,11 @@ class Cell(str, Enum):
     gru = "gru"
 
 
+class Head(str, Enum):
+    gap = "gap"  # global average pooling, then a linear layer
+    flatten = "flatten"  # every position's features into the linear layer (a classic small CNN)
+
+
 class Residual(str, Enum):
     standard = "standard"  # x + F(x)
     skipinit = "skipinit"  # x + alpha * F(x), alpha a learnable scalar starting at 0 (De & Smith 2020)
@@ -113,6 +118,9 @@ class CNNConfig:
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # one stage each, 2x2 pool between
     convs_per_stage: int = 1
+    # flatten: every position's channels into the linear layer; gap: their average over positions (normbench
+    # 0.2's head, with which per-sample norms (ln, in, gn) left this shallow net at 13-60% on MNIST)
+    head: Head = Head.flatten
 
 
 @dataclass

@@ -10,7 +10,8 @@ from normbench.norms import SPATIAL, NormFactory
 
 @MODELS.register("cnn")
 def cnn(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: NormFactory) -> nn.Module:
-    """Small VGG-style CNN: stages of 3x3 conv -> norm -> ReLU, 2x2 max-pool between stages."""
+    """Small VGG-style CNN: stages of 3x3 conv -> norm -> ReLU, 2x2 max-pool between stages, then a linear layer
+    on the channels averaged over positions (head gap) or on every position's channels (head flatten)."""
     layers: list[nn.Module] = []
     c_in = input_shape[0]
     for stage, c_out in enumerate(cfg.channels):
@@ -19,5 +20,11 @@ def cnn(cfg, input_shape: tuple[int, int, int], num_classes: int, norm: NormFact
         for _ in range(cfg.convs_per_stage):
             layers += [norm.conv(c_in, c_out, 3, padding=1), norm.block(c_out, SPATIAL)]
             c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    if cfg.head.value == "flatten":
+        h, w = input_shape[1:]
+        for _ in cfg.channels[1:]:
+            h, w = h // 2, w // 2
+        layers += [nn.Flatten(), nn.Linear(c_in * h * w, num_classes)]
+    else:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
     return nn.Sequential(*layers)
