@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis.stats import Test, holm, paired_test, welch_test
-from normbench.analysis.tables import LABELLED, NOT_CONDITIONS, as_text, condition_columns
+from normbench.analysis.tables import LABELLED, NOT_CONDITIONS, as_text, condition_columns, panel_columns, runs_of
 
 EFFECT_COLUMNS = ["metric", "factor", "level_a", "level_b", "effect", "ci95", "p", "p_holm", "test", "n_a", "n_b",
                   "why"]
@@ -196,3 +196,29 @@ def sweep_effects(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=EFFECT_COLUMNS)
     return adjust(pd.concat(frames, ignore_index=True))
+
+
+def degradation(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Per norm: accuracy at the largest batch minus at the smallest, with its Welch 95% interval (points): the
+    batch size as one factor among others, compared at its extremes within each panel and norm.
+
+    Only batch sizes with a completed seed count; the summary's seed counts say how many did.
+    """
+    rows = []
+    panels = panel_columns(summary)
+    for key, g in summary.groupby(panels + ["norm"], dropna=False):
+        g = g[g.n > 0]
+        if g.batch_size.nunique() < 2:
+            continue
+        small, large = g.batch_size.min(), g.batch_size.max()
+        where = dict(zip(panels + ["norm"], key))
+        mine = runs_of(runs, where)
+        effect = factor_effects(mine, "batch_size", large, small)
+        if effect.empty:
+            continue
+        row = effect.iloc[0]
+        rows.append({**where, "small_batch": small, "large_batch": large,
+                     "acc_small": mine[mine.batch_size == small].test_acc.mean(),
+                     "acc_large": mine[mine.batch_size == large].test_acc.mean(), "drop": row.effect,
+                     "drop_ci95": row.ci95})
+    return pd.DataFrame(rows)

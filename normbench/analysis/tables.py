@@ -6,7 +6,7 @@
 * `summary_table`: one row per condition (data x model x norm x batch size x any other varied
   setting but the seed): the seeds planned, completed, diverged, failed and missing, and the
   mean, std, 95% t-interval, min and max of the completed seeds.
-* `pivot`, `delta_vs_bn`, `degradation`: the views the GN paper uses. A pivot cell whose
+* `pivot`, `delta_vs_bn`: the views the GN paper uses (the third, `degradation`, is in `effects`). A pivot cell whose
   condition lost seeds says so (``95.0 (2/3 diverged)``): no seed is left out silently.
 """
 
@@ -247,25 +247,4 @@ def delta_vs_bn(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
             continue
         d, h = diff_ci(runs_of(runs, {**where, "norm": s.norm}).test_acc, bn.test_acc)
         rows.append({**where, "norm": s.norm, "delta": d, "delta_ci95": h})
-    return pd.DataFrame(rows)
-
-
-def degradation(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    """Per norm: accuracy at the largest batch minus at the smallest, with its 95% interval (points).
-
-    Only batch sizes with a completed seed count; the summary's seed counts say how many did.
-    """
-    rows = []
-    panels = panel_columns(summary)
-    for key, g in summary.groupby(panels + ["norm"], dropna=False):
-        g = g[g.n > 0]
-        if g.batch_size.nunique() < 2:
-            continue
-        small, large = g.batch_size.min(), g.batch_size.max()
-        where = dict(zip(panels + ["norm"], key))
-        acc_small = runs_of(runs, {**where, "batch_size": small}).test_acc
-        acc_large = runs_of(runs, {**where, "batch_size": large}).test_acc
-        d, h = diff_ci(acc_large, acc_small)
-        rows.append({**where, "small_batch": small, "large_batch": large, "acc_small": acc_small.mean(),
-                     "acc_large": acc_large.mean(), "drop": d, "drop_ci95": h})
     return pd.DataFrame(rows)

@@ -1,0 +1,113 @@
+"""The claims command: every claim's runs planned, trained as one sweep, judged, and written."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from normbench.cli.common import ConfigDir, Plugins, app, load_plugins, print_failures, user_errors
+from normbench.display import console, duration
+
+
+@app.command()
+def claims(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        help="Claims to test (all by default; --list names them), then Hydra overrides such as data.root=PATH.",
+        show_default=False, metavar="[NAMES]... [OVERRIDES]...")] = None,
+    scale: Annotated[str, typer.Option("--scale", help="small: the MNIST stand-in on a CPU in minutes; paper: "
+                                       "CIFAR / full MNIST at paper-like scale, for a GPU.")] = "small",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, as for sweep.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan every claim's runs; train nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the claims and exit.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
+    config_dir: ConfigDir = None,
+    plugin: Plugins = None,
+) -> None:
+    """Test common claims about normalization, each with a small experiment and a verdict computed from the data.
+
+    Writes claims.md, claims.csv and a figure per claim into results/claims (or results/claims_paper). Finished runs
+    are reused, so running it again resumes and only re-judges.
+    """
+    from normbench.claims import CLAIMS, select
+
+    args = args or []
+    names = [a for a in args if "=" not in a and not a.startswith(("+", "~"))]
+    overrides = [a for a in args if a not in names]
+    if list_:
+        table = Table(header_style="bold")
+        for col in ("claim", "statement", "source"):
+            table.add_column(col, overflow="fold")
+        for claim in CLAIMS:
+            table.add_row(claim.id, escape(claim.statement), escape(claim.source))
+        console.print(table)
+        return
+    load_plugins(plugin)
+    from normbench import sweep as sweeps
+    from normbench.claims import suite, writing
+    from normbench.display import planning_count
+
+    with user_errors():
+        chosen = select(names)
+        jobs, note = sweeps.capped_jobs(jobs)
+        if note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        if dry_run:
+            with planning_count() as planned_one:
+                outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
+            _print_claims_plan(outcome, retry_failed)
+            raise typer.Exit(1 if any(p.state == "invalid" for p in outcome.unique) else 0)
+        from normbench.progress import SweepDisplay
+
+        with SweepDisplay() as display:
+            outcome = suite.run(chosen, scale, overrides, config_dir, jobs, retry_failed, display)
+        judgements = suite.judge_all(chosen, outcome)
+        command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
+                            *([f"--jobs {jobs}"] if jobs > 1 else [])])
+        path = writing.write(outcome.folder, judgements, scale, command, outcome.seconds)
+    _print_claims(judgements)
+    console.print(f"claims: {path}")
+    if outcome.sweep is not None and outcome.sweep.failures:
+        print_failures(outcome.sweep.failures)
+        raise typer.Exit(1)
+
+
+def _print_claims_plan(outcome, retry_failed: bool) -> None:
+    from normbench.sweep import estimated_seconds, to_train
+
+    table = Table(title="claims", header_style="bold")
+    for col in ("claim", "runs", "to train", "invalid"):
+        table.add_column(col, justify="right" if col != "claim" else "left")
+    for cid, planned in outcome.plans.items():
+        invalid = sum(p.state == "invalid" for p in planned)
+        table.add_row(cid, str(len(planned)), str(len(to_train(planned, retry_failed))),
+                      f"[red]{invalid}[/red]" if invalid else "0")
+    console.print(table)
+    unique = outcome.unique
+    todo = to_train(unique, retry_failed)
+    console.print(f"{len(unique)} distinct runs (claims share some): {len(todo)} to train")
+    for cid, planned in outcome.plans.items():
+        for p in planned:
+            if p.state == "invalid":
+                console.print(f"[red]{cid}:[/red] {escape(p.label)}: {escape(str(p.error))}", soft_wrap=True)
+                break
+    if todo:
+        console.print(f"estimated training time: about {duration(estimated_seconds(todo))} sequentially on a 2-core "
+                      "CPU like ours (the planner's cost estimate; measured within 2× per run)")
+
+
+def _print_claims(judgements) -> None:
+    from normbench.claims.writing import effect_text
+
+    colors = {"supported": "green", "contradicted": "red", "not detected": "white", "inconclusive": "yellow"}
+    table = Table(title="claims", header_style="bold")
+    for col in ("claim", "verdict", "measured", "effect (95%)"):
+        table.add_column(col, overflow="fold")
+    for j in judgements:
+        effect, ci = effect_text(j.headline)
+        table.add_row(j.claim.id, f"[{colors[j.verdict]}]{j.verdict}[/]",
+                      escape(j.headline.says if j.headline is not None else j.why),
+                      "" if effect == "-" else effect if ci == "-" else f"{effect} {ci}")
+    console.print(table)

@@ -1,0 +1,98 @@
+"""What every command shares: the Typer app, the option types, user errors as one line, plugins, and `main`."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from normbench import __version__
+from normbench.display import console
+from normbench.errors import UserError
+
+# Commands import what they use when they run (the config package, torch, pandas), so that --version,
+# list and config start fast (benchmarks/startup.py; tests/test_startup.py checks what each imports).
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compare normalization layers across batch sizes, with error bars.")
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(
+    help="Hydra overrides, e.g. model=cnn norm=gn batch_size=4 data.root=PATH", show_default=False)]
+ConfigDir = Annotated[Optional[Path], typer.Option(
+    "--config-dir", "-c", help="A folder of your own configs (same groups: data/, model/, norm/, "
+    "optim/, experiment/), searched before the packaged ones.", show_default=False)]
+Plugins = Annotated[Optional[list[str]], typer.Option(
+    "--plugin", "-p", help="Load a plugin: a .py file or an installed module (package.module) that registers "
+    "norms, models or datasets; repeatable. Installed packages' entry points (normbench.plugins) load always.",
+    show_default=False)]
+
+
+def load_plugins(plugins: list[str] | None) -> None:
+    """Load the installed plugins and those named by --plugin (the command's first step); an error is one line."""
+    from normbench.plugins import load
+
+    with user_errors():
+        load(plugins or [])
+
+
+@contextmanager
+def user_errors():
+    """A user error is one red line and exit code 2; NORMBENCH_DEBUG=1 shows the traceback instead."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("NORMBENCH_DEBUG") == "1":
+            raise
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"normbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def print_failures(failures: list[tuple[str, str]]) -> None:
+    """Each cause once: a hundred runs that fail for one reason (missing data, say) are one line."""
+    by_cause: dict[str, list[str]] = {}
+    for what, why in failures:
+        by_cause.setdefault(str(why), []).append(what)
+    console.print(f"[red]without a result (failed or invalid): {len(failures)}[/red]")
+    for why, whats in by_cause.items():
+        who = whats[0] if len(whats) == 1 else f"{len(whats)} runs ({whats[0]}, ...)"
+        console.print(f"  {escape(who)}: {escape(why)}", soft_wrap=True)
+
+
+_ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
+          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2"}
+
+
+def _transliterate(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII.get(c, "?") for c in text), error.end
+
+
+def main() -> None:
+    # A terminal or pipe that cannot encode "±" (PYTHONIOENCODING=ascii, a C locale) gets "+/-", not a crash
+    # after the results are written.
+    codecs.register_error("normbench", _transliterate)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="normbench")
+    app()

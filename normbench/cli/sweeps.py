@@ -1,0 +1,144 @@
+"""Commands over many runs: sweep (plan, train, report) and report (rebuild from the run folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from normbench.cli.common import (ConfigDir, Overrides, Plugins, app, load_plugins, print_failures,
+                                  user_errors)
+from normbench.display import console, duration
+from normbench.errors import UserError
+
+
+PLAN_TABLE_ROWS = 500  # a longer plan is printed as plain lines: a table that long is slow and no easier to read
+
+
+def _print_plan(planned) -> None:
+    from normbench.config import run_id
+
+    shared = set.intersection(*(set(p.overrides) for p in planned)) if planned else set()
+    causes: dict[str, int] = {}  # each distinct reason a job is invalid, numbered once: not 100 copies
+    for p in planned:
+        if p.state == "invalid":
+            causes.setdefault(str(p.error), len(causes) + 1)
+    rows = [(str(i), " ".join(o for o in p.overrides if o not in shared) or p.label,
+             (p.run_id or run_id(p.cfg)) if p.cfg else "-", p.state,
+             causes[str(p.error)] if p.state == "invalid" else None)
+            for i, p in enumerate(planned)]
+    if len(rows) > PLAN_TABLE_ROWS:
+        typer.echo("\n".join(f"{i:>6}  {state:<9}  {rid:<40}  {varying}" + (f"  (why: {cause})" if cause else "")
+                             for i, varying, rid, state, cause in rows))
+    else:
+        table = Table(title="runs", header_style="bold")
+        for col in ("#", "overrides", "run id", "state"):
+            table.add_column(col)
+        for i, varying, rid, state, cause in rows:
+            table.add_row(i, escape(varying), rid, f"[red]invalid ({cause})[/red]" if cause else state)
+        console.print(table)
+    for why, cause in causes.items():
+        count = sum(1 for row in rows if row[4] == cause)
+        console.print(f"[red]({cause})[/red] {count} {'run' if count == 1 else 'runs'}: {escape(why)}", soft_wrap=True)
+
+
+def _counts(planned, retry_failed: bool) -> str:
+    from normbench.sweep import to_train
+
+    states = [p.state for p in planned]
+    todo = len(to_train(planned, retry_failed))
+    return (f"{len(planned)} runs: {todo} to train, {states.count('completed') + states.count('diverged')} already "
+            f"done, {states.count('failed')} failed, {states.count('invalid')} invalid")
+
+
+@app.command()
+def sweep(
+    overrides: Overrides = None,
+    config_dir: ConfigDir = None,
+    plugin: Plugins = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, each in its own process with its share of the CPU threads.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
+) -> None:
+    """Run a sweep (Hydra syntax: norm=bn,ln,gn batch_size=2,4,8 seed=range(3)), then build its report.
+
+    Finished runs are skipped, so running the same command again resumes an interrupted sweep.
+    """
+    from normbench import sweep as sweeps
+    from normbench.display import planning_count
+
+    load_plugins(plugin)
+    with user_errors():
+        jobs, note = sweeps.capped_jobs(jobs)
+        if note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        if dry_run:
+            with planning_count() as planned_one:
+                planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
+            _print_plan(planned)
+            console.print(_counts(planned, retry_failed))
+            todo = sweeps.to_train(planned, retry_failed)
+            if todo:
+                console.print(f"estimated training time: about {duration(sweeps.estimated_seconds(todo))} sequentially "
+                              "on a 2-core CPU like ours (the planner's cost estimate; measured within 2× per run)")
+            raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
+        from normbench import report
+        from normbench.progress import SweepDisplay
+
+        with SweepDisplay() as display:
+            outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
+        command = "normbench sweep " + "".join(f"--plugin {p} " for p in plugin or []) + " ".join(overrides or []) \
+            + (f" --jobs {jobs}" if jobs > 1 else "")
+        try:
+            reports = report.after_sweep(outcome, command)
+        except UserError:
+            if not outcome.failures:
+                raise
+            reports = []  # nothing finished: the failures below say why
+        for rep, path in reports:
+            _print_report(rep, path)
+    console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
+                  + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
+    if outcome.failures:
+        print_failures(outcome.failures)
+        raise typer.Exit(1)
+
+
+def _print_report(rep, path: Path) -> None:
+    """The pivot and the verdict, as report.md has them, and where report.md is."""
+    from normbench import report
+
+    console.print(report.rich_pivot(rep))
+    for panel, sentences in rep.verdict.items():
+        console.print(f"[bold]{escape(panel)}[/bold]")
+        for sentence in sentences:
+            console.print(f"  {escape(sentence)}", soft_wrap=True)
+    console.print(f"report: {path}")
+
+
+@app.command("report")
+def make_report(
+    folder: Annotated[Path, typer.Argument(help="An experiment folder (results/NAME), or a results folder.")],
+    plugin: Plugins = None,
+) -> None:
+    """Rebuild tables, figures and report.md from the run folders alone."""
+    from normbench import report
+
+    load_plugins(plugin)  # plugin norms are then labelled by what differs from their defaults, as in run ids
+
+    with user_errors():
+        experiments = [folder] if _has_runs(folder) else sorted(p for p in folder.glob("*") if _has_runs(p))
+        if not experiments:
+            raise UserError(f"no run folders under {folder}")
+        for experiment in experiments:
+            rep = report.build(experiment)
+            for warning in rep.warnings:
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+            _print_report(rep, report.write(rep))
+
+
+def _has_runs(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_dir() and (p / "config.yaml").exists() for p in folder.iterdir())
