@@ -45,8 +45,12 @@ class Judgement:
 
     @property
     def headline(self) -> pd.Series | None:
-        """The row the claims table shows: the first check's first condition."""
-        return None if self.rows.empty else self.rows.iloc[0]
+        """The row the claims table shows: the first whose outcome is the verdict (the comparison that decided
+        it), else the first."""
+        if self.rows.empty:
+            return None
+        deciding = self.rows[self.rows.outcome == self.verdict]
+        return deciding.iloc[0] if len(deciding) else self.rows.iloc[0]
 
 
 def with_claim_metrics(runs: pd.DataFrame) -> pd.DataFrame:

@@ -106,13 +106,11 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if np.isfinite(value) else "-"
 
 
-def markdown(judgements: list[Judgement], scale: str, command: str, seconds: float | None,
-             figures: set[str]) -> str:
+def markdown(judgements: list[Judgement], scale: str, command: str, done: str, figures: set[str]) -> str:
     table = claims_table(judgements, scale)
     shown = table.assign(effect=[f"{e} {c}" if c != "-" else e for e, c in zip(table.effect, table.ci95)])
     lines = ["# normbench claims", "",
-             f"Scale: {SCALE_WORDS.get(scale, scale)}. Command: `{command}`"
-             + (f"; {seconds:.0f} s wall." if seconds is not None else "."), "",
+             f"Scale: {SCALE_WORDS.get(scale, scale)}. Command: `{command}`" + (f"; {done}." if done else "."), "",
              "Each claim is tested by the comparisons listed in its section, each in every condition that has "
              "runs at both sides. Effects are differences of means over seeds (accuracies in percentage points) "
              "with their 95% interval (Welch's, or paired by seed or by run); Holm's correction runs over all of a "
@@ -144,7 +142,8 @@ def markdown(judgements: list[Judgement], scale: str, command: str, seconds: flo
     return "\n".join(lines) + "\n"
 
 
-def write(folder: Path, judgements: list[Judgement], scale: str, command: str, seconds: float | None) -> Path:
+def write(folder: Path, judgements: list[Judgement], scale: str, command: str, done: str = "") -> Path:
+    """`done`: what this invocation did, in words ('172 runs trained, 0 already finished, 226 s wall')."""
     with results.report_lock(folder):
         results.remove_stale_temp_files(folder)
         results.write_table(folder / "claims.csv", claims_table(judgements, scale))
@@ -157,5 +156,5 @@ def write(folder: Path, judgements: list[Judgement], scale: str, command: str, s
                 plt.close(fig)
                 figures.add(j.claim.id)
         path = folder / "claims.md"
-        results.atomic_write(path, markdown(judgements, scale, command, seconds, figures))
+        results.atomic_write(path, markdown(judgements, scale, command, done, figures))
     return path

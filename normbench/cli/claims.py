@@ -66,7 +66,10 @@ def claims(
         judgements = suite.judge_all(chosen, outcome)
         command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
                             *([f"--jobs {jobs}"] if jobs > 1 else [])])
-        path = writing.write(outcome.folder, judgements, scale, command, outcome.seconds)
+        sweep = outcome.sweep
+        done = (f"this invocation trained {sweep.trained} runs ({sweep.already_done} already finished) in "
+                f"{outcome.seconds:.0f} s wall" if sweep is not None else "")
+        path = writing.write(outcome.folder, judgements, scale, command, done)
     _print_claims(judgements)
     console.print(f"claims: {path}")
     if outcome.sweep is not None and outcome.sweep.failures:
