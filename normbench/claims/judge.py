@@ -164,6 +164,12 @@ def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
 
 
 def _why(table: pd.DataFrame) -> str:
-    rows = table[table.outcome == "inconclusive"]
-    reasons = sorted({str(r.why) if r.why else "the interval is too wide to decide" for _, r in rows.iterrows()})
-    return "; ".join(reasons)
+    """Which comparisons could not decide, and why, in a sentence."""
+    parts = []
+    for _, r in table[table.outcome == "inconclusive"].iterrows():
+        if r.why:
+            parts.append(f"{r.says}: {r.why}")
+        else:
+            parts.append(f"{r.says}: its 95% interval ({r.effect:+.3g} ± {r.ci95:.3g}) is too wide to tell "
+                         f"whether it stays within the margin of {r.margin:g}")
+    return "; ".join(parts)

@@ -49,6 +49,8 @@ def claims_table(judgements: list[Judgement], scale: str) -> pd.DataFrame:
 
 
 def _condition(row: pd.Series) -> str:
+    if row.get("factor") == "cells":
+        return f"{row.level_a} vs {row.level_b}"
     parts = [str(row[k]) for k in CONDITION_KEYS if k in row.index and isinstance(row[k], str)]
     if "batch_size" in row.index and pd.notna(row["batch_size"]):
         parts.append(f"batch {int(row['batch_size'])}")
@@ -126,7 +128,7 @@ def markdown(judgements: list[Judgement], scale: str, command: str, done: str, f
                   f"Preset: `normbench/conf/experiment/{c.preset}.yaml`"
                   + (f", with `{' '.join(c.paper)}`." if scale == "paper" else "."), ""]
         if j.why:
-            lines += [f"**Why {j.verdict}.** {j.why}", ""]
+            lines += [f"**Why {j.verdict}:** {j.why}.", ""]
         if not j.rows.empty:
             rows = j.rows
             numbers = pd.DataFrame({
