@@ -179,3 +179,17 @@ def test_probe_metrics_reach_the_judge(tmp_path):
     checks = pd.read_csv(tmp_path / "claims" / "claims_checks.csv")
     assert list(checks.test) == ["one-sample"] and checks.n_a.iloc[0] == 2
     assert -1.0 < checks.effect.iloc[0] + -0.5 < 0.0  # a slope between -1 and 0, as a batch mean's error has
+
+
+def test_claims_go_through_another_launcher(tmp_path):
+    """With hydra/launcher=submitit_local each claim's sweep is handed to the launcher, and judged the same."""
+    args = ["claims", "bn_eval", *SYNTHETIC, "data.num_train=64", "data.num_test=32", "epochs=1", "model.width=8",
+            "seed=0,1", f"results_dir={tmp_path}", "hydra/launcher=submitit_local"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "claims" / "claims.csv")
+    assert list(table.claim) == ["bn_eval"] and table.verdict.iloc[0] in ("supported", "contradicted",
+                                                                           "not detected", "inconclusive")
+    assert len(list((tmp_path / "claims").glob("mlp-bn-b2-s*"))) == 2
+    jobs = CliRunner().invoke(app, [*args, "--jobs", "2"])
+    assert jobs.exit_code == 2 and "--jobs runs processes on this machine" in jobs.output

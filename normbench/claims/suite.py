@@ -35,10 +35,22 @@ def claim_overrides(claim: Claim, scale: str, overrides: list[str]) -> list[str]
 @dataclass
 class SuiteOutcome:
     plans: dict[str, list]  # claim id -> its Planned jobs
-    sweep: object = None  # the SweepOutcome of the training (None for a dry run)
+    sweeps: list = field(default_factory=list)  # the SweepOutcome(s) of the training: one, or one per claim
     seconds: float = 0.0
     judgements: list[Judgement] = field(default_factory=list)
     folder: Path | None = None
+
+    @property
+    def trained(self) -> int:
+        return sum(s.trained for s in self.sweeps)
+
+    @property
+    def already_done(self) -> int:
+        return sum(s.already_done for s in self.sweeps)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        return [f for s in self.sweeps for f in s.failures]
 
     @property
     def unique(self) -> list:
@@ -83,14 +95,13 @@ def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, 
         raise UserError(f"claim {cid}: {len(invalid)} invalid {'job' if len(invalid) == 1 else 'jobs'}, "
                         f"the first: {p.error} (normbench claims {cid} --dry-run lists them)")
     if launcher == "basic":
-        outcome.sweep = sweeps.train_planned(outcome.unique, jobs, retry_failed, display)
+        outcome.sweeps = [sweeps.train_planned(outcome.unique, jobs, retry_failed, display)]
     else:
         if jobs > 1:
             raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
                             "launcher's own parallelism instead")
-        for claim in claims:
-            outcome.sweep = sweeps.run(claim_overrides(claim, scale, overrides), config_dir,
-                                       retry_failed=retry_failed, display=display)
+        outcome.sweeps = [sweeps.run(claim_overrides(claim, scale, overrides), config_dir, retry_failed=retry_failed,
+                                     display=display) for claim in claims]
     outcome.seconds = time.perf_counter() - t0
     return outcome
 

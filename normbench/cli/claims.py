@@ -66,14 +66,13 @@ def claims(
         judgements = suite.judge_all(chosen, outcome)
         command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
                             *([f"--jobs {jobs}"] if jobs > 1 else [])])
-        sweep = outcome.sweep
-        done = (f"this invocation trained {sweep.trained} runs ({sweep.already_done} already finished) in "
-                f"{outcome.seconds:.0f} s wall" if sweep is not None else "")
+        done = (f"this invocation trained {outcome.trained} runs ({outcome.already_done} already finished) in "
+                f"{outcome.seconds:.0f} s wall")
         path = writing.write(outcome.folder, judgements, scale, command, done)
     _print_claims(judgements)
     console.print(f"claims: {path}")
-    if outcome.sweep is not None and outcome.sweep.failures:
-        print_failures(outcome.sweep.failures)
+    if outcome.failures:
+        print_failures(outcome.failures)
         raise typer.Exit(1)
 
 
