@@ -115,3 +115,14 @@ def test_effects_of_nothing_are_empty():
     assert analysis.sweep_effects(runs).empty
     assert fx.factor_effects(runs, "config.no_such_key", 1, 2).empty
     assert fx.factor_effects(runs, "batch_size", 32, 64).empty
+
+
+def test_numeric_levels_match_a_column_that_also_holds_unset_values():
+    """norm_batch_size 4 is stored as 4.0 where other runs leave it unset (NaN): 4 still finds it."""
+    summaries = [_with(fake_run("bn", 32, s, 90.0 + s), norm_batch_size=4) for s in range(3)]
+    summaries += [fake_run("bn", 32, s, 92.0 + s) for s in range(3)]
+    runs = analysis.runs_table(summaries)
+    runs["config.norm_batch_size"] = runs["config.norm_batch_size"].astype(float)
+    e = fx.factor_effects(runs.assign(**{"config.norm_batch_size": runs["config.norm_batch_size"].fillna(32)}),
+                          "config.norm_batch_size", 4, 32)
+    assert len(e) == 1 and e.iloc[0].effect == pytest.approx(-2.0)

@@ -65,6 +65,11 @@ def extremes(runs: pd.DataFrame, factor: str) -> tuple | None:
 
 
 def _same(column: pd.Series, value) -> np.ndarray:
+    """Where the column holds `value`: numbers compare as numbers (4 matches 4.0, as a column with unset
+    values stores it), anything else as its text."""
+    number = _number(value) if not isinstance(value, bool) else None
+    if number is not None:
+        return (pd.to_numeric(column, errors="coerce") == number).to_numpy()
     return (as_text(column) == as_text(pd.Series([value]))[0]).to_numpy()
 
 
