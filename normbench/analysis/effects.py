@@ -15,7 +15,7 @@ interval (or, with ``paired=True``, the paired one over the seeds both levels ra
 `metric_effects` compares two metrics of the same runs (always paired: one run, two numbers).
 `adjust` puts Holm's correction over the rows a verdict rests on.
 
-Numeric levels sort as numbers; `extremes` gives a factor's smallest and largest level, `levels` all of them.
+Numeric levels sort as numbers (`levels`).
 """
 
 from __future__ import annotations
@@ -56,12 +56,6 @@ def levels(runs: pd.DataFrame, factor: str) -> list:
     """The factor's distinct set values (unset ones left out), numbers in numeric order, then text."""
     values = {v for v in runs[factor] if _known(v)}
     return sorted(values, key=lambda v: (0, _number(v), "") if _number(v) is not None else (1, 0.0, str(v)))
-
-
-def extremes(runs: pd.DataFrame, factor: str) -> tuple | None:
-    """(smallest, largest) level of a factor, or None when it has fewer than two."""
-    found = levels(runs, factor)
-    return (found[0], found[-1]) if len(found) > 1 else None
 
 
 def _same(column: pd.Series, value) -> np.ndarray:
@@ -119,7 +113,8 @@ def _keys_apart_from(runs: pd.DataFrame, factor: str) -> list[str]:
     keys = [k for k in condition_columns(runs) if k != factor]
     for group in LABELLED:
         if factor.startswith(f"config.{group}."):
-            others = [c for c in runs.columns if c.startswith(f"config.{group}.") and c not in (factor, f"config.{group}.name")
+            own = f"config.{group}."
+            others = [c for c in runs.columns if c.startswith(own) and c not in (factor, own + "name")
                       and as_text(runs[c]).nunique() > 1]
             keys = [f"config.{group}.name" if k == group else k for k in keys] + others
     return keys
