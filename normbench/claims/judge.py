@@ -22,7 +22,7 @@ supported when every row is; inconclusive when a row is; otherwise not detected.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,6 @@ class Judgement:
     verdict: str
     rows: pd.DataFrame  # one row per tested condition: the check, the effect, its interval, p, p_holm, the outcome
     why: str = ""  # for inconclusive: what was missing
-    notes: list[str] = field(default_factory=list)
 
     @property
     def headline(self) -> pd.Series | None:
@@ -68,6 +67,7 @@ def with_claim_metrics(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _classes(runs: pd.DataFrame) -> pd.Series:
+    """Classes per run from the dataset's name (NaN for a plugin dataset: its diverged runs then have no value)."""
     known = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
     return runs["config.data.name"].map(known).astype(float)
 
