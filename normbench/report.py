@@ -176,8 +176,11 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 
 def _cell(v) -> str:
+    """A float with two decimals, or as many significant digits as tell 0.001 from 0.0005 (a setting)."""
     if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.2f}"
+        if math.isnan(v):
+            return "-"
+        return f"{v:.2f}" if v == 0 or 0.1 <= abs(v) < 1e6 else f"{v:.4g}"
     return str(v)
 
 

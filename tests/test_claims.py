@@ -132,24 +132,23 @@ def test_paper_scale_changes_the_folder_and_refuses_an_unknown_scale():
 
 def test_claims_command_trains_judges_and_writes(tmp_path):
     """gn with one group is LN exactly: the same runs, so every seed's difference is 0 and the check holds."""
-    args = ["claims", "gn_bridge", *SYNTHETIC, "data.num_train=128", "data.num_test=64", "epochs=1",
-            "model.channels=[4,4,4]", "seed=0,1", f"results_dir={tmp_path}",
-            "hydra.sweeper.grids=[{norm: 'ln'}, {norm: gn, norm.num_groups: '1'}]"]
+    args = ["claims", "gn_bridge", *SYNTHETIC, "data.num_train=128", "data.num_test=64", "epochs=1", "seed=0,1",
+            f"results_dir={tmp_path}", "hydra.sweeper.grids=[{norm: 'ln,in'}, {norm: gn, norm.num_groups: '1,16'}]"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "claims"
     table = pd.read_csv(folder / "claims.csv")
-    assert list(table.claim) == ["gn_bridge"]
+    assert list(table.claim) == ["gn_bridge"] and table.verdict.iloc[0] in ("supported", "inconclusive")
     checks = pd.read_csv(folder / "claims_checks.csv")
     first = checks[checks.check.str.startswith("gn with 1 group")]
     assert len(first) == 1 and first.effect.iloc[0] == 0 and first.outcome.iloc[0] == "supported"
-    # the second check (gn with 16 groups vs in) has no runs here: the claim cannot be decided
-    assert table.verdict.iloc[0] == "inconclusive" and "no finished runs" in table.why.iloc[0]
+    assert len(checks) == 2
     md = (folder / "claims.md").read_text()
-    assert "## gn_bridge: inconclusive" in md and "![gn_bridge](claim_gn_bridge.png)" in md
+    assert f"## gn_bridge: {table.verdict.iloc[0]}" in md and "![gn_bridge](claim_gn_bridge.png)" in md
     assert (folder / "claim_gn_bridge.png").exists()
     again = CliRunner().invoke(app, args)  # resumes: nothing to train, the same verdict
-    assert again.exit_code == 0 and "inconclusive" in again.output
+    assert again.exit_code == 0 and table.verdict.iloc[0] in again.output
+    assert pd.read_csv(folder / "claims_checks.csv").equals(checks)
 
 
 def test_claims_dry_run_and_list(tmp_path):
@@ -193,3 +192,34 @@ def test_claims_go_through_another_launcher(tmp_path):
     assert len(list((tmp_path / "claims").glob("mlp-bn-b2-s*"))) == 2
     jobs = CliRunner().invoke(app, [*args, "--jobs", "2"])
     assert jobs.exit_code == 2 and "--jobs runs processes on this machine" in jobs.output
+
+
+def test_an_override_that_removes_a_compared_side_stops_before_training(tmp_path):
+    """bn_eval compares runs at batch 2: batch_size=4 leaves nothing to compare, so nothing is trained."""
+    args = ["claims", "bn_eval", *SYNTHETIC, "batch_size=4", f"results_dir={tmp_path}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "claim bn_eval: with these overrides no planned runs can make the comparison" \
+        in result.output, result.output
+    assert not list((tmp_path / "claims").glob("mlp-*")) if (tmp_path / "claims").exists() else True
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 1 and "no planned runs can make the comparison" in dry.output
+
+
+def test_a_composition_error_names_its_claim_and_the_key(tmp_path):
+    result = CliRunner().invoke(app, ["claims", "gn_bridge", "bn_eval", *SYNTHETIC, "model.channels=[4,4,4]",
+                                      f"results_dir={tmp_path}", "--dry-run"])
+    assert result.exit_code == 2 and result.output.startswith("error: claim bn_eval: unknown key 'model.channels'")
+
+
+def test_an_override_without_a_value_gets_a_hint():
+    with pytest.raises(UserError, match=r"unknown claim 'epochs' \(overrides are written KEY=VALUE\)"):
+        select(["epochs"])
+
+
+def test_every_claim_composes_at_paper_scale(tmp_path):
+    """The paper-scale overrides fit each preset (gn_bridge's CNN channels once met resnet20's schema)."""
+    outcome = plan(list(CLAIMS), "paper", ["data=synthetic", "data.shape=[1,28,28]", "data.num_train=256",
+                                            "data.num_test=64", f"results_dir={tmp_path}"], dry_run=True)
+    bad = [(cid, p.error) for cid, ps in outcome.plans.items() for p in ps if p.state == "invalid"]
+    assert not bad, bad[:3]
+    assert not outcome.uncovered and {p.cfg.name for p in outcome.unique} == {"claims_paper"}

@@ -126,3 +126,11 @@ def test_numeric_levels_match_a_column_that_also_holds_unset_values():
     e = fx.factor_effects(runs.assign(**{"config.norm_batch_size": runs["config.norm_batch_size"].fillna(32)}),
                           "config.norm_batch_size", 4, 32)
     assert len(e) == 1 and e.iloc[0].effect == pytest.approx(-2.0)
+
+
+def test_an_unset_normalization_batch_is_the_whole_batch_in_sweep_effects():
+    summaries = [_with(fake_run("bn", 64, s, 80.0 + s), norm_batch_size=2) for s in range(3)]
+    summaries += [fake_run("bn", 64, s, 90.0 + s) for s in range(3)]  # norm_batch_size null: over all 64
+    effects = analysis.sweep_effects(analysis.runs_table(summaries))
+    row = effects.iloc[0]
+    assert (row.level_a, row.level_b) == ("2", "64") and row.effect == pytest.approx(-10.0)

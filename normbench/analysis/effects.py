@@ -186,6 +186,10 @@ def swept_factors(runs: pd.DataFrame) -> list[str]:
 def sweep_effects(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     """For every swept setting: its smallest level against its largest (a categorical one: every level against
     the first), per condition, as one Holm family."""
+    if "config.norm_batch_size" in runs.columns and runs["config.norm_batch_size"].notna().any():
+        # unset is the whole batch: norm_batch_size=2,8,null compares 2 with the batch size, its largest level
+        runs = runs.assign(**{"config.norm_batch_size": pd.to_numeric(runs["config.norm_batch_size"], errors="coerce")
+                              .fillna(runs.batch_size)})
     frames = []
     for factor in swept_factors(runs):
         found = levels(runs, factor)

@@ -17,6 +17,7 @@ claim a certainty a few seeds cannot give. `no_interval` says which, in words.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +155,7 @@ def welch_test(a, b) -> Test:
     a, b = finite(a), finite(b)
     d, half = diff_ci(a, b)
     why = no_interval(a, b) if len(a) and len(b) else ONE_SEED
-    p = math.nan if why else float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    p = math.nan if why else _quiet(lambda: stats.ttest_ind(a, b, equal_var=False).pvalue)
     return Test(d, half, p, len(a), len(b), "welch", why)
 
 
@@ -163,8 +164,15 @@ def paired_test(x, y) -> Test:
     x, y = _pairs(x, y)
     d, half = paired_ci(x, y)
     why = no_interval(x - y) if len(x) else ONE_SEED
-    p = math.nan if why else float(stats.ttest_rel(x, y).pvalue)
+    p = math.nan if why else _quiet(lambda: stats.ttest_rel(x, y).pvalue)
     return Test(d, half, p, len(x), len(y), "paired", why)
+
+
+def _quiet(test) -> float:
+    """A p-value, without scipy's warning for nearly identical seeds (the interval already says how sure)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(test())
 
 
 def holm(pvalues) -> list[float]:

@@ -66,12 +66,13 @@ CLAIMS: tuple[Claim, ...] = (
         "Wu & He 2018 (Group Normalization), Fig. 1 and Table 2; Ba et al. 2016 (Layer Normalization), Fig. 6",
         (Check("batch_size", 128, 2, ">", where={"norm": "bn"}, says="bn: batch 128 minus batch 2"),
          Check("batch_size", 2, 128, "not_below", where={"norm": "ln"}, margin=1.0, says="ln: batch 2 minus batch 128"),
-         Check("batch_size", 2, 128, "not_below", where={"norm": "gn"}, margin=1.0, says="gn: batch 2 minus batch 128")),
+         Check("batch_size", 2, 128, "not_below", where={"norm": "gn"}, margin=1.0,
+               says="gn: batch 2 minus batch 128")),
         "GN paper, ResNet-50 on ImageNet, error (%) at 32 → 2 images per GPU: BN 23.6 → 34.7, GN 24.1 → 24.1.",
         "MLP on the MNIST stand-in, bn/ln/gn at batch 2 and 128, lr scaled linearly with the batch.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null",
-         "data.augment=true"),
-        "ResNet-20 on CIFAR-10, 30 epochs, augmentation"),
+        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
+         "data.test_size=null", "data.augment=true"),
+        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs, augmentation"),
     Claim(
         "norm_batch", "BN's small-batch loss comes from its statistics, not from the step count or the learning "
         "rate: shrinking only the normalization batch at a fixed SGD batch reproduces it.",
@@ -128,8 +129,9 @@ CLAIMS: tuple[Claim, ...] = (
         "No controlled published number; Ioffe & Szegedy argue for pre-activation normalization, and later "
         "work reports mixed results.",
         "The small CNN on the MNIST stand-in, bn and gn, before or after the ReLU, batch 32.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10, 30 epochs"),
+        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
+         "data.test_size=null"),
+        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
     Claim(
         "gn_bridge", "GN bridges LN and IN: one group gives LN's outputs and one group per channel IN's.",
         "Wu & He 2018 (Group Normalization), §3.1 and Table 3",
@@ -139,8 +141,8 @@ CLAIMS: tuple[Claim, ...] = (
         "GN paper Table 3, ResNet-50 ImageNet error by groups: G=1 (LN) 25.6 ... G=32 24.1 ... 1 channel per "
         "group (IN-like) 28.4 and more.",
         "The CNN with 16 channels per stage on the MNIST stand-in: gn with 1, 4 and 16 groups, ln and in.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10 (16 channels in the first stage), 30 epochs"),
+        ("data=cifar10", "epochs=30", "data.train_size=null", "data.test_size=null", "data.augment=true"),
+        "The same CNN (16 channels per stage, so 16 groups is one per channel) on CIFAR-10, 30 epochs"),
     Claim(
         "bn_lr", "BN tolerates higher learning rates: at a learning rate where the plain network fails, the BN "
         "network still trains.",
@@ -179,8 +181,9 @@ CLAIMS: tuple[Claim, ...] = (
         "Schneider et al. 2020: re-estimating BN statistics on corrupted inputs lowers ImageNet-C error by "
         "several points.",
         "The small CNN on the MNIST stand-in, bn, in and gn, tested clean and with each image's contrast halved.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10, 30 epochs"),
+        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
+         "data.test_size=null"),
+        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
     Claim(
         "not_ics", "BN does not work by reducing internal covariate shift: noisy BN trains about as well as BN and "
         "better than no norm, BN does not lower ICS, and BN narrows the loss range and β-smoothness.",
@@ -220,8 +223,9 @@ CLAIMS: tuple[Claim, ...] = (
         "Qiao et al. 2019: at 1 image per GPU, WS+GN reaches or beats BN at large batch on ImageNet; Ioffe 2017: "
         "BRN at batch 4 recovers most of BN's loss.",
         "MLP on the MNIST stand-in at batch 2: bn, brn (limits reached after 500 steps), gn and ws_gn.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10, 30 epochs"),
+        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
+         "data.test_size=null"),
+        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
     Claim(
         "non_iid", "BN suffers when batches are not i.i.d.; batch renorm and GN do not.",
         "Ioffe 2017 (Batch Renormalization), §4.3",
@@ -247,6 +251,8 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 BY_ID = {claim.id: claim for claim in CLAIMS}
+_CONFIG_KEYS = {"data", "model", "norm", "optim", "epochs", "epoch", "lr", "seed", "batch_size", "device", "name",
+                "results_dir", "threads", "experiment"}  # names that look like an override missing its =VALUE
 
 
 def select(names: list[str] | None) -> list[Claim]:
@@ -255,5 +261,6 @@ def select(names: list[str] | None) -> list[Claim]:
         return list(CLAIMS)
     unknown = [n for n in names if n not in BY_ID]
     if unknown:
-        raise UserError(f"unknown claim {unknown[0]!r}; valid: {', '.join(BY_ID)}")
+        hint = " (overrides are written KEY=VALUE)" if "." in unknown[0] or unknown[0] in _CONFIG_KEYS else ""
+        raise UserError(f"unknown claim {unknown[0]!r}{hint}; valid: {', '.join(BY_ID)}")
     return [claim for claim in CLAIMS if claim.id in set(names)]

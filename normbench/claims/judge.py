@@ -149,11 +149,13 @@ def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
         frames.append(rows.assign(check=i, says=check.says, expect=check.expect, margin=check.margin))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if table.empty:
-        return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
+        return Judgement(claim, "inconclusive", table, "no finished runs (completed, with the metric) for "
+                         + "; ".join(missing))
     table["p_holm"] = holm(table.p.tolist())
     table["outcome"] = [outcome(claim.checks[int(r.check)], r) for _, r in table.iterrows()]
     if missing:
-        return Judgement(claim, "inconclusive", table, "no finished runs for " + "; ".join(missing))
+        return Judgement(claim, "inconclusive", table, "no finished runs (completed, with the metric) for "
+                         + "; ".join(missing))
     found = set(table.outcome)
     for verdict in ("contradicted", "inconclusive"):
         if verdict in found:
@@ -161,6 +163,23 @@ def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
     if found == {"supported"}:
         return Judgement(claim, "supported", table)
     return Judgement(claim, "not detected", table)
+
+
+def uncovered(claim: Claim, summaries: list[dict]) -> list[str]:
+    """The comparisons of `claim` that no pair of the planned runs can make (an override such as batch_size=4
+    or norm=ln removed one side): what `judge` would later call 'no runs'. `summaries` are summary-shaped
+    dicts of the planned configs, without results."""
+    if not summaries:
+        return [check.says for check in claim.checks]
+    from normbench import analysis
+
+    runs = analysis.runs_table([{**s, "status": "completed", "final": {}} for s in summaries])
+    metrics = set()
+    for check in claim.checks:
+        metrics |= {check.a, check.b} if check.factor == "metric" else {check.a} if check.factor == "value" else set()
+        metrics.add(check.metric)
+    runs = runs.assign(**{m: 0.0 for m in metrics | {"test_acc", "train_acc"}})
+    return [check.says for check in claim.checks if _rows(with_claim_metrics(runs), check).empty]
 
 
 def _why(table: pd.DataFrame) -> str:

@@ -35,6 +35,8 @@ def claim_overrides(claim: Claim, scale: str, overrides: list[str]) -> list[str]
 @dataclass
 class SuiteOutcome:
     plans: dict[str, list]  # claim id -> its Planned jobs
+    uncovered: dict[str, list[str]] = field(default_factory=dict)  # claim id -> comparisons no planned runs make
+    warnings: list[str] = field(default_factory=list)  # run folders and probe files left out while judging
     sweeps: list = field(default_factory=list)  # the SweepOutcome(s) of the training: one, or one per claim
     seconds: float = 0.0
     judgements: list[Judgement] = field(default_factory=list)
@@ -68,16 +70,25 @@ class SuiteOutcome:
 def plan(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, dry_run: bool = False,
          shown=None) -> SuiteOutcome:
     from normbench import sweep as sweeps
-    from normbench.config import run_id
+    from normbench.claims import judge as judge_module
+    from normbench.config import run_id, to_dict
 
-    plans = {}
+    plans, uncovered = {}, {}
     for claim in claims:
-        planned = sweeps.plan(claim_overrides(claim, scale, overrides), config_dir, shown, dry_run=dry_run)
+        try:
+            planned = sweeps.plan(claim_overrides(claim, scale, overrides), config_dir, shown, dry_run=dry_run)
+        except UserError as e:
+            raise UserError(f"claim {claim.id}: {e}") from e
         for p in planned:
             if p.cfg is not None and p.run_id is None:
                 p.run_id = run_id(p.cfg)
         plans[claim.id] = planned
-    return SuiteOutcome(plans)
+        valid = [p for p in planned if p.cfg is not None and p.state != "invalid"]
+        if len(valid) == len(planned):  # (invalid jobs are reported as such)
+            missing = judge_module.uncovered(claim, [{"run_id": p.run_id, "config": to_dict(p.cfg)} for p in valid])
+            if missing:
+                uncovered[claim.id] = missing
+    return SuiteOutcome(plans, uncovered=uncovered)
 
 
 def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, jobs: int = 1,
@@ -94,6 +105,11 @@ def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, 
         cid, p = invalid[0]
         raise UserError(f"claim {cid}: {len(invalid)} invalid {'job' if len(invalid) == 1 else 'jobs'}, "
                         f"the first: {p.error} (normbench claims {cid} --dry-run lists them)")
+    if outcome.uncovered:
+        cid, missing = next(iter(outcome.uncovered.items()))
+        raise UserError(f"claim {cid}: with these overrides no planned runs can make the comparison "
+                        f"'{missing[0]}' (an override replaced a setting the claim compares; drop it, or "
+                        "leave this claim out)")
     if launcher == "basic":
         outcome.sweeps = [sweeps.train_planned(outcome.unique, jobs, retry_failed, display)]
     else:
@@ -112,9 +128,12 @@ def judge_all(claims: list[Claim], outcome: SuiteOutcome) -> list[Judgement]:
     if not planned:
         raise UserError("no valid runs planned")
     folder = results.experiment_dir(planned[0].cfg)
-    summaries, _, _ = results.scan(folder) if folder.is_dir() else ([], {}, [])
+    summaries, _, skipped = results.scan(folder) if folder.is_dir() else ([], {}, [])
     by_id = {s["run_id"]: s for s in summaries}
-    probes = probe_metrics([folder / rid for rid in by_id])
+    mine = {p.run_id for p in planned}
+    outcome.warnings = [w for w in skipped if any(rid in w for rid in mine)]  # other folders are not ours to judge
+    probes, probe_warnings = probe_metrics([folder / rid for rid in by_id if rid in mine])
+    outcome.warnings += probe_warnings
     judgements = []
     for claim in claims:
         mine = [by_id[p.run_id] for p in outcome.plans[claim.id] if p.run_id in by_id]
@@ -126,17 +145,18 @@ def judge_all(claims: list[Claim], outcome: SuiteOutcome) -> list[Judgement]:
     return judgements
 
 
-def probe_metrics(folders: list[Path]) -> pd.DataFrame:
+def probe_metrics(folders: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     """One number per run and probe quantity a claim compares: ``ics_l2`` (‖G − G′‖ over layers after the first
     and steps), ``loss_range`` and ``beta_smoothness`` (over steps), ``residual_ratio`` (Var(branch)/Var(skip)
     at the first measured step, over blocks), ``bstats_slope`` (log-log slope of the batch mean's median error
-    against B at the last measured step, over layers). Empty when no run carries probes."""
+    against B at the last measured step, over layers). Empty when no run carries probes. With the warnings
+    for the probe files left out (damaged)."""
     if not any(any(f.glob("probe_*.csv")) for f in folders if f.is_dir()):
-        return pd.DataFrame()
+        return pd.DataFrame(), []
     from normbench.analysis import probes as ap
     from normbench.probes.section import read_tables
 
-    tables, _, _ = read_tables(folders)
+    tables, _, warnings = read_tables(folders)
     frames = []
     if "ics" in tables:
         frames.append(_wide(ap.per_run(tables["ics"], ["l2_diff"], min_depth=1), {"l2_diff": "ics_l2"}))
@@ -149,7 +169,7 @@ def probe_metrics(folders: list[Path]) -> pd.DataFrame:
     out = None
     for frame in frames:
         out = frame if out is None else out.merge(frame, on="run_id", how="outer")
-    return out if out is not None else pd.DataFrame()
+    return (out if out is not None else pd.DataFrame()), warnings
 
 
 def _wide(per_run: pd.DataFrame, names: dict) -> pd.DataFrame:

@@ -58,12 +58,15 @@ def claims(
             with planning_count() as planned_one:
                 outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
             _print_claims_plan(outcome, retry_failed)
-            raise typer.Exit(1 if any(p.state == "invalid" for p in outcome.unique) else 0)
+            bad = any(p.state == "invalid" for p in outcome.unique) or outcome.uncovered
+            raise typer.Exit(1 if bad else 0)
         from normbench.progress import SweepDisplay
 
         with SweepDisplay() as display:
             outcome = suite.run(chosen, scale, overrides, config_dir, jobs, retry_failed, display)
         judgements = suite.judge_all(chosen, outcome)
+        for warning in outcome.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}, left out", soft_wrap=True)
         command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
                             *([f"--jobs {jobs}"] if jobs > 1 else [])])
         done = (f"this invocation trained {outcome.trained} runs ({outcome.already_done} already finished) in "
@@ -95,6 +98,10 @@ def _print_claims_plan(outcome, retry_failed: bool) -> None:
             if p.state == "invalid":
                 console.print(f"[red]{cid}:[/red] {escape(p.label)}: {escape(str(p.error))}", soft_wrap=True)
                 break
+    for cid, missing in outcome.uncovered.items():
+        console.print(f"[red]{cid}:[/red] no planned runs can make the comparison "
+                      f"{', '.join(repr(m) for m in missing)} (an override replaced a setting it compares)",
+                      soft_wrap=True)
     if todo:
         console.print(f"estimated training time: about {duration(estimated_seconds(todo))} sequentially on a 2-core "
                       "CPU like ours (the planner's cost estimate; measured within 2× per run)")

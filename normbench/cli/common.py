@@ -80,7 +80,8 @@ def print_failures(failures: list[tuple[str, str]]) -> None:
 
 
 _ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
-          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2"}
+          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2", "−": "-", "‖": "||",
+          "′": "'"}
 
 
 def _transliterate(error: UnicodeEncodeError) -> tuple[str, int]:

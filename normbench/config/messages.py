@@ -74,6 +74,12 @@ def clean_hydra_error(e: Exception) -> str:
         schema = _schema_named(re.search(r"object_type=(\w+)", text).group(1))
         valid = f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
         return f"unknown key '{full_key.group(1)}'{valid}"
+    not_in = re.search(r"Key '[^']+' not in '(\w+)'", text)
+    if full_key and not_in:  # a preset (or another config) sets a key the chosen model, norm, ... does not have
+        schema = _schema_named(not_in.group(1))
+        valid = f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
+        where = re.match(r"In '([^']+)'", text.strip())
+        return f"unknown key '{full_key.group(1)}'" + (f" (set in {where.group(1)})" if where else "") + valid
     if full_key:
         return f"{full_key.group(1)}: {first}"
     return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "hydra.cc/docs" not in ln)
