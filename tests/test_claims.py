@@ -223,3 +223,10 @@ def test_every_claim_composes_at_paper_scale(tmp_path):
     bad = [(cid, p.error) for cid, ps in outcome.plans.items() for p in ps if p.state == "invalid"]
     assert not bad, bad[:3]
     assert not outcome.uncovered and {p.cfg.name for p in outcome.unique} == {"claims_paper"}
+
+
+@pytest.mark.parametrize("command", ["sweep", "claims"])
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_jobs_below_one_is_one_line(command, jobs, tmp_path):
+    result = CliRunner().invoke(app, [command, "data=synthetic", f"results_dir={tmp_path}", "--jobs", jobs])
+    assert result.exit_code == 2 and result.output == f"error: --jobs must be at least 1, got {jobs}\n"

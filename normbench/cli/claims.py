@@ -19,7 +19,7 @@ def claims(
         show_default=False, metavar="[NAMES]... [OVERRIDES]...")] = None,
     scale: Annotated[str, typer.Option("--scale", help="small: the MNIST stand-in on a CPU in minutes; paper: "
                                        "CIFAR / full MNIST at paper-like scale, for a GPU.")] = "small",
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, as for sweep.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once on this machine, as for sweep.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan every claim's runs; train nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the claims and exit.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,

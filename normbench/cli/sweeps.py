@@ -59,7 +59,7 @@ def sweep(
     overrides: Overrides = None,
     config_dir: ConfigDir = None,
     plugin: Plugins = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once on this machine, each in its own process with its share of the CPU threads.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once on this machine, each in its own process with its share of the CPU threads.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
 ) -> None:
