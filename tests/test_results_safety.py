@@ -381,3 +381,16 @@ def test_output_that_cannot_encode_plus_minus_does_not_crash(results_dir):
     assert reported.returncode == 0, reported.stdout + reported.stderr
     assert "+/-" in swept.stdout + reported.stdout
     assert run_id(compose(tiny_run_overrides(results_dir))) in {p.name for p in (results_dir / "default").iterdir()}
+
+
+@pytest.mark.parametrize("final", [None, {"test_acc": None}, {"test_acc": float("nan")}])
+def test_a_completed_run_without_a_test_accuracy_is_skipped_with_a_warning(results_dir, final):
+    """A hand-edited summary that says completed but carries no accuracy is not counted as a result."""
+    for seed in (0, 1):
+        runner.execute(compose(tiny_run_overrides(results_dir, seed=seed)))
+    folder = sorted((results_dir / "default").glob("mlp-bn-*"))[0]
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["final"] = final
+    (folder / "summary.json").write_text(json.dumps(summary))
+    summaries, _, skipped = results.scan(results_dir / "default")
+    assert len(summaries) == 1 and any("no final test accuracy" in w and folder.name in w for w in skipped)

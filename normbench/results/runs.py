@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import platform
 import re
 import subprocess
@@ -195,6 +196,10 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
     if final is not None and not (isinstance(final, dict) and all(isinstance(v, _NUMBER_OR_NONE)
                                                                   for v in final.values())):
         return "summary.json has a malformed 'final'"
+    if summary.get("status") == "completed":
+        acc = (final or {}).get("test_acc")
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
+            return "summary.json says completed but has no final test accuracy (edited by hand?)"
     shifts = summary.get("shifts", {})
     if not (isinstance(shifts, dict) and all(isinstance(v, dict) and all(isinstance(x, _NUMBER_OR_NONE)
                                                                          for x in v.values())
