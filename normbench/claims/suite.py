@@ -69,6 +69,8 @@ class SuiteOutcome:
 
 def plan(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, dry_run: bool = False,
          shown=None) -> SuiteOutcome:
+    """Every claim's jobs, planned as `normbench sweep` plans them, and the comparisons no planned runs can make
+    (`judge.uncovered`: an override replaced a setting the claim compares). Writes nothing with dry_run."""
     from normbench import sweep as sweeps
     from normbench.claims import judge as judge_module
     from normbench.config import run_id, to_dict
