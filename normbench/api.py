@@ -115,9 +115,11 @@ def sweep(overrides: Overrides | None = None, *, jobs: int = 1, config_dir: str 
     from normbench.plugins import load
 
     load(plugins)
-    jobs, _ = sweeps.capped_jobs(jobs)
+    jobs, capped = sweeps.capped_jobs(jobs)
     outcome = sweeps.run(as_overrides(overrides, sweep=True), config_dir, jobs=jobs, retry_failed=retry_failed)
     counts = dict(planned=len(outcome.planned), trained=outcome.trained, failures=outcome.failures)
+    # what the command line prints as notes: --jobs capped, or fewer workers than asked because they would not pay
+    notes = [capped] + ([sweeps.paying_jobs(outcome.planned, jobs, retry_failed)[1]] if jobs > 1 else [])
     built = []
     try:
         built = reports.after_sweep(outcome, "normbench.sweep(...)") if report else \
@@ -125,10 +127,13 @@ def sweep(overrides: Overrides | None = None, *, jobs: int = 1, config_dir: str 
     except UserError:
         if not outcome.failures:
             raise
+    notes = [n for n in notes if n]
     if not built:
-        return Results(Path(), None, None, None, {}, None, [], **counts)
+        return Results(Path(), None, None, None, {}, None, notes, **counts)
     rep, path = built[0]
-    return _results(rep, path, **counts)
+    result = _results(rep, path, **counts)
+    result.warnings[:0] = notes
+    return result
 
 
 def load(folder: str | Path, *, plugins: Sequence[str] = ()) -> Results:

@@ -84,3 +84,9 @@ def test_the_readme_notebook_example_runs_as_written(tmp_path, monkeypatch, caps
     assert (tmp_path / "center_vs_bn.png").stat().st_size > 0
     assert (tmp_path / "results" / "center" / "report.md").is_file()
     assert "center" in capsys.readouterr().out  # the pivot it prints
+
+
+def test_a_sweep_too_small_for_workers_says_so_in_its_warnings(tmp_path):
+    result = normbench.sweep([*TINY_DATA, "norm=ln", "batch_size=16,32", "epochs=1", f"results_dir={tmp_path}"],
+                             jobs=2)
+    assert result.trained == 2 and any("trains sequentially" in w for w in result.warnings), result.warnings

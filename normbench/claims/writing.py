@@ -18,7 +18,8 @@ from normbench import results  # noqa: E402
 from normbench.analysis.tables import fmt_ci  # noqa: E402
 from normbench.claims.judge import Judgement  # noqa: E402
 
-SCALE_WORDS = {"small": "small (MNIST stand-in, CPU minutes)", "paper": "paper (CIFAR / full MNIST, GPU hours)"}
+SCALE_WORDS = {"small": "small (the presets' small settings: minutes on a CPU)",
+               "paper": "paper (the paper-scale overrides: CIFAR / full MNIST, GPU hours)"}
 CONDITION_KEYS = ("data", "model", "norm", "batch_size")
 
 

@@ -81,6 +81,7 @@ def claims(
 
 def _print_claims_plan(outcome, retry_failed: bool) -> None:
     from normbench.sweep import estimated_seconds, to_train
+    from normbench.sweep.planning import ESTIMATE_NOTE
 
     table = Table(title="claims", header_style="bold")
     for col in ("claim", "runs", "to train", "invalid"):
@@ -104,7 +105,7 @@ def _print_claims_plan(outcome, retry_failed: bool) -> None:
                       soft_wrap=True)
     if todo:
         console.print(f"estimated training time: about {duration(estimated_seconds(todo))} sequentially on a 2-core "
-                      "CPU like ours (the planner's cost estimate; measured within 2× per run)")
+                      f"CPU like ours ({ESTIMATE_NOTE})")
 
 
 def _print_claims(judgements) -> None:

@@ -83,7 +83,7 @@ def sweep(
             todo = sweeps.to_train(planned, retry_failed)
             if todo:
                 console.print(f"estimated training time: about {duration(sweeps.estimated_seconds(todo))} sequentially "
-                              "on a 2-core CPU like ours (the planner's cost estimate; measured within 2× per run)")
+                              f"on a 2-core CPU like ours ({sweeps.planning.ESTIMATE_NOTE})")
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
         from normbench import report
         from normbench.progress import SweepDisplay

@@ -49,15 +49,20 @@ class Planned:
         return " ".join(self.overrides) or "(defaults)"
 
 
-# Seconds of training per unit of the planner's cost (runner.check), fitted on the quick preset's runs on
-# this project's 2-core CPU (benchmarks/sweep_jobs.py). Another machine will differ: the estimate is what
-# this one would take, to size a sweep and to decide whether worker processes pay, not a promise.
-SECONDS_PER_COST = 8.8e-11  # quick: 268 s of runs for 3.06e12 cost units (per run 4.9e-11 to 1.1e-10)
+# Seconds of training per unit of the planner's cost (runner.check), plus a fixed cost per run (setup,
+# evaluation), fitted by least squares on the 282 runs of the quick preset and the claims suite on this
+# project's 2-core CPU (normbench 0.3). Another machine will differ: the estimate is what this one would take,
+# to size a sweep and to decide whether worker processes pay, not a promise. Totals: quick 265 s of runs,
+# estimated 353 s; claims 399 s, estimated 311 s. A run of a few seconds can take several times its estimate.
+SECONDS_PER_COST = 1.03e-10
+SECONDS_PER_RUN = 0.43
+ESTIMATE_NOTE = ("the planner's estimate: within 1.4× of the quick and claims presets' totals here; "
+                 "runs of a few seconds can take several times theirs")
 
 
 def estimated_seconds(planned: list[Planned]) -> float:
     """The planner's estimate of the training time of `planned`, in seconds on a 2-core CPU."""
-    return sum(p.cost for p in planned) * SECONDS_PER_COST
+    return sum(p.cost for p in planned) * SECONDS_PER_COST + len(planned) * SECONDS_PER_RUN
 
 
 def should_train(state: str, retry_failed: bool) -> bool:
