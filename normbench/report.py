@@ -167,7 +167,8 @@ def _heading(column) -> str:
     return str(column).removeprefix("config.")
 
 
-def _md_table(frame: pd.DataFrame) -> str:
+def md_table(frame: pd.DataFrame) -> str:
+    """A markdown table of `frame` (its index too, unless a plain range): floats by `_cell`, 'config.' dropped."""
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
     header = "| " + " | ".join(map(_heading, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
@@ -181,7 +182,7 @@ def _cell(v) -> str:
         if math.isnan(v):
             return "-"
         return f"{v:.2f}" if v == 0 or 0.1 <= abs(v) < 1e6 else f"{v:.4g}"
-    return str(v)
+    return str(v).replace("|", "/").replace("\n", " ")  # a pipe or a line break would end the row
 
 
 def _lost_seeds(summary: pd.DataFrame) -> pd.DataFrame:
@@ -249,20 +250,20 @@ def markdown(report: Report, figures: list[str], probes: list[str] = ()) -> str:
         lines += [f"**{panel}**", ""] + [f"- {s}" for s in sentences] + [""]
     if not r.verdict:
         lines += ["No verdict: it needs two batch sizes per norm, or two levels of some other setting.", ""]
-    lines += ["## Test accuracy (%) by norm and batch size", "", _md_table(r.pivot), ""]
+    lines += ["## Test accuracy (%) by norm and batch size", "", md_table(r.pivot), ""]
     lost = _lost_seeds(r.summary)
     if not lost.empty:
-        lines += ["## Seeds without a result", "", _md_table(lost), ""]
+        lines += ["## Seeds without a result", "", md_table(lost), ""]
     if not r.delta.empty:
-        lines += ["## Difference from batch norm (points)", "", _md_table(_delta_pivot(r.delta)), ""]
+        lines += ["## Difference from batch norm (points)", "", md_table(_delta_pivot(r.delta)), ""]
     if not r.degradation.empty:
         lines += ["## Degradation: accuracy at the largest batch minus at the smallest (points)", "",
-                  _md_table(r.degradation.rename(columns={"drop_ci95": "± (95%)"})), ""]
+                  md_table(r.degradation.rename(columns={"drop_ci95": "± (95%)"})), ""]
     if not r.effects.empty:
         lines += ["## Effects of the other swept settings", "",
                   "Each row: the metric at one level minus at another, in one condition (every other setting "
                   "equal), with its 95% interval over seeds (Welch's, or paired by seed), the two-sided p-value and "
-                  "Holm's adjustment over all the rows of this table.", "", _md_table(_effects_table(r.effects)), ""]
+                  "Holm's adjustment over all the rows of this table.", "", md_table(_effects_table(r.effects)), ""]
     lines += ["## Figures", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
     if probes:
         lines += [*probes, ""]

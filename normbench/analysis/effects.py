@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis.stats import Test, holm, paired_test, welch_test
-from normbench.analysis.tables import LABELLED, NOT_CONDITIONS, as_text, condition_columns, panel_columns, runs_of
+from normbench.analysis.tables import (LABELLED, NOT_CONDITIONS, as_text, condition_columns, panel_columns,
+                                       runs_of, value_text)
 
 EFFECT_COLUMNS = ["metric", "factor", "level_a", "level_b", "effect", "ci95", "p", "p_holm", "test", "n_a", "n_b",
                   "why"]
@@ -67,12 +68,6 @@ def _same(column: pd.Series, value) -> np.ndarray:
     return (as_text(column) == as_text(pd.Series([value]))[0]).to_numpy()
 
 
-def _text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def factor_effects(runs: pd.DataFrame, factor: str, level_a, level_b, metric: str = "test_acc",
                    paired: bool = False, where: dict | None = None) -> pd.DataFrame:
     """Per condition with completed runs at both levels: metric(level_a) - metric(level_b).
@@ -98,7 +93,7 @@ def factor_effects(runs: pd.DataFrame, factor: str, level_a, level_b, metric: st
         else:
             test = welch_test(a[metric], b[metric])
         rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
-                     **_row(metric, factor, _text(level_a), _text(level_b), test)})
+                     **_row(metric, factor, value_text(level_a), value_text(level_b), test)})
     if not rows:
         return pd.DataFrame(columns=EFFECT_COLUMNS)
     return pd.DataFrame(rows, columns=[*keys, *EFFECT_COLUMNS]).rename(columns=_NAMES)

@@ -95,17 +95,18 @@ def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
     for name, rows in frame.groupby(name_col):
         keys = [c for c in _varying(rows, columns) if c != name_col]
         for i, row in rows.iterrows():
-            extras = ",".join(f"{k.split('.', 2)[2]}={_value(row[k])}" for k in keys)
+            extras = ",".join(f"{k.split('.', 2)[2]}={value_text(row[k])}" for k in keys)
             if extras:
                 labels[i] = f"{name}({extras})"
     return labels
 
 
-def _value(v) -> str:
+def value_text(v) -> str:
+    """A setting's value as labels show it: 4 for 4.0, (16,32) for a list."""
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     if isinstance(v, tuple):
-        return "(" + ",".join(map(_value, v)) + ")"
+        return "(" + ",".join(map(value_text, v)) + ")"
     return str(v)
 
 

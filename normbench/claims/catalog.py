@@ -57,8 +57,13 @@ class Claim:
         return f"claims/{self.id}"
 
 
-MLP = {"model": "mlp"}
 SHIFT = "contrast:0.5"
+# Paper-scale overrides and their description, as Claim's last two fields: ResNet-20 on CIFAR-10, and at width 32
+# where GN runs (its default 32 groups must divide the 16 channels of a width-16 first stage).
+_CIFAR = ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null")
+RESNET_PAPER = (_CIFAR, "ResNet-20 on CIFAR-10, 30 epochs")
+RESNET_GN_PAPER = ((*_CIFAR, "model.width=32"),
+                   "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs")
 
 CLAIMS: tuple[Claim, ...] = (
     Claim(
@@ -82,8 +87,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Wu & Johnson 2021: at a fixed SGD batch, ImageNet error rises as the normalization batch shrinks "
         "below about 16.",
         "MLP on the MNIST stand-in, bn, SGD batch 64, statistics over sub-batches of 2 or 64 (ghost BN).",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10, 30 epochs"),
+        *RESNET_PAPER),
     Claim(
         "bn_eval", "At small batch BN's population statistics misrepresent what it trained with: statistics "
         "recomputed after training beat the running averages, and a test batch's own statistics do worse.",
@@ -94,8 +98,7 @@ CLAIMS: tuple[Claim, ...] = (
                says="bn at batch 2: test batch's own statistics minus recomputed ones")),
         "Wu & Johnson 2021: PreciseBN improves small-batch and large-momentum BN by up to several points.",
         "The bn_batch claim's MLP runs with bn at batch 2, each evaluated three ways.",
-        ("data=cifar10", "model=resnet20", "epochs=30", "data.train_size=null", "data.test_size=null"),
-        "ResNet-20 on CIFAR-10, 30 epochs"),
+        *RESNET_PAPER),
     Claim(
         "rnn_stats", "Recurrent BN needs per-time-step statistics: per-step statistics beat statistics shared "
         "over time.",
@@ -129,9 +132,7 @@ CLAIMS: tuple[Claim, ...] = (
         "No controlled published number; Ioffe & Szegedy argue for pre-activation normalization, and later "
         "work reports mixed results.",
         "The small CNN on the MNIST stand-in, bn and gn, before or after the ReLU, batch 32.",
-        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
-         "data.test_size=null"),
-        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
+        *RESNET_GN_PAPER),
     Claim(
         "gn_bridge", "GN bridges LN and IN: one group gives LN's outputs and one group per channel IN's.",
         "Wu & He 2018 (Group Normalization), §3.1 and Table 3",
@@ -181,9 +182,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Schneider et al. 2020: re-estimating BN statistics on corrupted inputs lowers ImageNet-C error by "
         "several points.",
         "The small CNN on the MNIST stand-in, bn, in and gn, tested clean and with each image's contrast halved.",
-        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
-         "data.test_size=null"),
-        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
+        *RESNET_GN_PAPER),
     Claim(
         "not_ics", "BN does not work by reducing internal covariate shift: noisy BN trains about as well as BN and "
         "better than no norm, BN does not lower ICS, and BN narrows the loss range and β-smoothness.",
@@ -223,9 +222,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Qiao et al. 2019: at 1 image per GPU, WS+GN reaches or beats BN at large batch on ImageNet; Ioffe 2017: "
         "BRN at batch 4 recovers most of BN's loss.",
         "MLP on the MNIST stand-in at batch 2: bn, brn (limits reached after 500 steps), gn and ws_gn.",
-        ("data=cifar10", "model=resnet20", "model.width=32", "epochs=30", "data.train_size=null",
-         "data.test_size=null"),
-        "ResNet-20 (width 32: 32 groups divide every layer) on CIFAR-10, 30 epochs"),
+        *RESNET_GN_PAPER),
     Claim(
         "non_iid", "BN suffers when batches are not i.i.d.; batch renorm and GN do not.",
         "Ioffe 2017 (Batch Renormalization), §4.3",

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from normbench import results  # noqa: E402
 from normbench.analysis.tables import fmt_ci  # noqa: E402
 from normbench.claims.judge import Judgement  # noqa: E402
+from normbench.report import md_table  # noqa: E402
 
 SCALE_WORDS = {"small": "small (the presets' small settings: minutes on a CPU)",
                "paper": "paper (the paper-scale overrides: CIFAR / full MNIST, GPU hours)"}
@@ -98,13 +99,6 @@ def forest(j: Judgement):
     return fig
 
 
-def _md_table(frame: pd.DataFrame) -> list[str]:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "/").replace("\n", " ") for v in row) + " |")
-    return lines
-
-
 def _p(value: float) -> str:
     return f"{value:.2g}" if np.isfinite(value) else "-"
 
@@ -121,7 +115,7 @@ def markdown(judgements: list[Judgement], scale: str, command: str, done: str, f
              "correction), **contradicted** (one goes clearly the other way), **not detected** (an interval "
              "includes no effect), **inconclusive** (too few finished runs, divergence, or an interval too wide to "
              "decide an equality). Every verdict holds at the scale it was measured at, and only there.", "",
-             *_md_table(shown[["claim", "verdict", "measured", "effect", "scale"]]), ""]
+             *md_table(shown[["claim", "verdict", "measured", "effect", "scale"]]).splitlines(), ""]
     for j in judgements:
         c = j.claim
         lines += [f"## {c.id}: {j.verdict}", "", f"**Claim.** {c.statement}", "", f"**Source.** {c.source}", "",
@@ -138,7 +132,7 @@ def markdown(judgements: list[Judgement], scale: str, command: str, done: str, f
                 "effect": [fmt_ci(e, h, _digits(e), signed=True) for e, h in zip(rows.effect, rows.ci95)],
                 "test": [f"{t}, n={a}/{b}" if b else f"{t}, n={a}" for t, a, b in zip(rows.test, rows.n_a, rows.n_b)],
                 "p": [_p(p) for p in rows.p], "p (Holm)": [_p(p) for p in rows.p_holm], "outcome": rows.outcome})
-            lines += _md_table(numbers) + [""]
+            lines += [md_table(numbers), ""]
         if c.id in figures:
             lines += [f"![{c.id}](claim_{c.id}.png)", ""]
         lines += [f"**Published anchor.** {c.anchor}", ""]

@@ -48,6 +48,16 @@ class _NormCell(nn.Module):
                           for layer in (self.w_h, self.norm_x, *self.step_norms()) for m in layer.modules()))
         return not watched and all(twin_known(m, x.shape[1]) for m in self.step_norms())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h_T: PyTorch's fused kernel when no norm is in the cell, else the hand-written recurrence where it can
+        stand in, else the step loop. Both get every step's normalized input projection (T, N, gates x H) at
+        once; the loop gets it with the gate bias added (the recurrence places the bias itself)."""
+        if self.plain and not self.use_loop:
+            return self.fused(x)
+        if self.fusable(x):
+            return self._recurrence(self.input_norm(self.w_x(x)))
+        return self._loop(self.norm_x(self.w_x(x)) + self.bias)
+
     def input_norm(self, p: torch.Tensor) -> torch.Tensor:
         """norm_x on every step's projection (T, N, C) at once; GN as layer norm over (T * N * G, C / G),
         since PyTorch's group-norm kernel is slow at H x W = 1."""
@@ -84,13 +94,6 @@ class NormLSTM(_NormCell):
         out, _, _ = torch.lstm(x, (h0, h0), [w_ih, w_hh, b, torch.zeros_like(b)], True, 1, 0.0,
                                self.training, False, False)
         return out[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain and not self.use_loop:
-            return self.fused(x)
-        if self.fusable(x):
-            return self._recurrence(self.input_norm(self.w_x(x)))
-        return self._loop(self.norm_x(self.w_x(x)) + self.bias)  # (T, N, 4H), all steps at once
 
     def _recurrence(self, xs: torch.Tensor) -> torch.Tensor:
         """h_T through `LSTMRecurrence`; the gate bias joins norm_h's shift (no pass over the sequence)."""
@@ -131,15 +134,10 @@ class NormGRU(_NormCell):
                            self.training, False, False)
         return out[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain and not self.use_loop:
-            return self.fused(x)
-        if self.fusable(x):
-            return self._recurrence(self.input_norm(self.w_x(x)) + self.bias)
-        return self._loop(self.norm_x(self.w_x(x)) + self.bias)  # (T, N, 3H): r, z, n
-
     def _recurrence(self, xs: torch.Tensor) -> torch.Tensor:
-        """h_T through `GRURecurrence`; b_hn joins the n rows of norm_h's shift."""
+        """h_T through `GRURecurrence`; the gate bias joins the input projections, b_hn the n rows of norm_h's
+        shift."""
+        xs = xs + self.bias
         norm_h, w_n, b_n = twin(self.norm_h, xs)
         b_n = torch.cat([b_n[: 2 * self.hidden_size], b_n[2 * self.hidden_size:] + self.bias_hn])
         return GRURecurrence.apply(xs, self.w_h.weight, w_n, b_n, norm_h)
