@@ -45,7 +45,7 @@ class _NormCell(nn.Module):
             return False
         watched = (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                    or any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)
-                          for layer in (self.w_h, self.norm_x, *self.step_norms()) for m in layer.modules()))
+                          for layer in (self.w_x, self.w_h, self.norm_x, *self.step_norms()) for m in layer.modules()))
         return not watched and all(twin_known(m, x.shape[1]) for m in self.step_norms())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,18 +55,24 @@ class _NormCell(nn.Module):
         if self.plain and not self.use_loop:
             return self.fused(x)
         if self.fusable(x):
-            return self._recurrence(self.input_norm(self.w_x(x)))
+            return self._recurrence(self.input_norm(x))
         return self._loop(self.norm_x(self.w_x(x)) + self.bias)
 
-    def input_norm(self, p: torch.Tensor) -> torch.Tensor:
-        """norm_x on every step's projection (T, N, C) at once; GN as layer norm over (T * N * G, C / G),
-        since PyTorch's group-norm kernel is slow at H x W = 1."""
-        gn = getattr(self.norm_x, "norm", None)
-        if not isinstance(gn, (GroupNorm, nn.GroupNorm)):
-            return self.norm_x(p)
-        size = p.shape[-1] // gn.num_groups
-        v = F.layer_norm(p.reshape(-1, size), (size,), eps=gn.eps)
-        return torch.addcmul(gn.bias, v.view_as(p), gn.weight)
+    def input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """norm_x on every step's input projection (T, N, C) at once. A step-independent norm (LN, GN, RMS)
+        normalizes each of the T * N rows alike; GN as layer norm over (T * N * G, C / G), since PyTorch's
+        group-norm kernel is slow at H x W = 1. Any other norm (recurrent BN) gets a (T, N, C) view of a
+        batch-major (N, T, C) projection: BN's per-step statistics over (N, T * C) are then taken on a
+        view, not on a transposing copy. fusable() saw no hooks on w_x."""
+        if not isinstance(self.norm_x, StepNorm):
+            return self.norm_x(F.linear(x.transpose(0, 1), self.w_x.weight).transpose(0, 1))
+        p = F.linear(x, self.w_x.weight)
+        gn = self.norm_x.norm
+        if isinstance(gn, (GroupNorm, nn.GroupNorm)) and gn.weight is not None and gn.bias is not None:
+            size = p.shape[-1] // gn.num_groups
+            v = F.layer_norm(p.view(-1, size), (size,), eps=gn.eps)
+            return torch.addcmul(gn.bias, v.view_as(p), gn.weight)
+        return self.norm_x.norm(p.view(-1, p.shape[-1])).view_as(p)
 
 
 class NormLSTM(_NormCell):
