@@ -112,6 +112,27 @@ def test_fast_paths_equal_the_step_loop_in_float32(cell, norm):
     compare(cell, norm, *extra, dtype=torch.float32, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(cell, norm):
+    """retain_graph, or autograd.grad on two losses of one forward: each pass's gradients are the step
+    loop's, not the sum of the passes so far."""
+    fast = make_cell(cell, norm, dtype=torch.float64)
+    loop = copy.deepcopy(fast)
+    loop.use_loop = True
+    x = torch.randn(12, 8, SHAPE[0] * SHAPE[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = [torch.linspace(-1, 1, fast.hidden_size, dtype=torch.float64), torch.linspace(2, -3, fast.hidden_size,
+                                                                                             dtype=torch.float64)]
+    for m in (fast, loop):
+        m.train()
+    out, out_loop = fast(x), loop(x)
+    for w in weights * 2:  # each loss twice: a repeated pass must not add to the previous one
+        got = torch.autograd.grad((out * w).sum(), list(fast.parameters()), retain_graph=True)
+        want = torch.autograd.grad((out_loop * w).sum(), list(loop.parameters()), retain_graph=True)
+        for (name, _), a, b in zip(fast.named_parameters(), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_recurrent_bn_variants(cell):
     """Cumulative running averages (momentum null), no running averages at all, and a sequence longer

@@ -21,8 +21,11 @@ _ALL = [True, True, True]
 
 
 def _summed(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Per-step (d weight, d bias) pairs summed over the steps."""
-    return [torch.stack(g).sum(0) for g in zip(*grads)]
+    """Per-step (d weight, d bias) pairs summed over the steps; empties `grads`, so that a second backward
+    pass through the same graph (retain_graph, or autograd.grad twice) starts from none."""
+    summed = [torch.stack(g).sum(0) for g in zip(*grads)]
+    grads.clear()
+    return summed
 
 
 class LayerStats:
