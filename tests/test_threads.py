@@ -53,8 +53,9 @@ def test_busy_reads_the_load_average(monkeypatch):
 
 def test_threads_is_validated_and_not_part_of_the_run_id(results_dir):
     assert run_id(compose(tiny_run_overrides(results_dir, threads=1))) == run_id(compose(tiny_run_overrides(results_dir)))
-    with pytest.raises(UserError, match="threads"):
-        compose(tiny_run_overrides(results_dir, threads=0))
+    for bad in (0, 1025, 2**31, 10**20):  # the last ones overflowed torch.set_num_threads in a traceback
+        with pytest.raises(UserError, match=r"threads must be in \[1, 1024\]"):
+            compose(tiny_run_overrides(results_dir, threads=bad))
 
 
 def test_a_sweep_worker_caps_large_runs_at_its_share(results_dir):

@@ -39,6 +39,8 @@ POSITIVE = Must(lambda v: v > 0, "> 0")
 NON_NEGATIVE = Must(lambda v: v >= 0, ">= 0")
 AT_LEAST_ONE = Must(lambda v: v >= 1, ">= 1")
 SEED = Must(lambda v: 0 <= v <= MAX_SEED, "in [0, 2**63 - 1]")
+MAX_THREADS = 1024  # more than any CPU has cores; torch.set_num_threads takes a C int
+THREADS = Must(lambda v: 1 <= v <= MAX_THREADS, f"in [1, {MAX_THREADS}]")
 UNIT_OPEN_CLOSED = Must(lambda v: 0 < v <= 1, "in (0, 1]")
 UNIT_CLOSED_OPEN = Must(lambda v: 0 <= v < 1, "in [0, 1)")
 FOLDER = Must(lambda v: v.strip() != "", "a folder")
@@ -80,7 +82,7 @@ EVERY = optional(NON_NEGATIVE)  # a probe's steps between measurements; 0 or nul
 RULES: dict[type, dict[str, Must]] = {
     Config: {"batch_size": POSITIVE, "epochs": POSITIVE, "lr": POSITIVE, "base_batch_size": POSITIVE,
              "seed": SEED, "eval_batch_size": POSITIVE, "results_dir": FOLDER,
-             "norm_batch_size": optional(POSITIVE), "threads": optional(POSITIVE)},
+             "norm_batch_size": optional(POSITIVE), "threads": optional(THREADS)},
     EvalConfig: {"precise_bn_samples": POSITIVE, "shifts": SHIFTS},
     BatchStatsProbeConfig: {"every": EVERY, "samples": Must(lambda v: v >= 2, ">= 2"),
                             "sizes": Must(_distinct(lambda b: b >= 1), "a non-empty list of distinct batch sizes >= 1"),
