@@ -144,7 +144,7 @@ class SweepDisplay(EpochProgress):
         if self.bar and self.planning is not None:
             self.bar.remove_task(self.planning)
             self.planning = None
-        valid = [p for p in planned if p.cfg is not None]
+        valid = [p for p in planned if p.cfg is not None and p.state != "duplicate"]
         todo = to_train(planned, retry_failed)
         self.total = len(valid)
         self.costs = {self._rid(p): p.cost for p in todo}

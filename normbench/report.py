@@ -58,7 +58,8 @@ def build(experiment: Path, sweep: dict | None = None) -> Report:
         summaries = [s for s in summaries if s["run_id"] in planned]
         curves = {rid: c for rid, c in curves.items() if rid in planned}
     if not summaries:
-        raise UserError(f"no finished runs under {experiment}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        first = f"; the first: {skipped[0]}" if skipped else ""
+        raise UserError(f"no finished runs under {experiment}" + (f" ({len(skipped)} skipped{first})" if skipped else ""))
     runs = analysis.runs_table(summaries)
     summary = analysis.summary_table(runs)
     degr = analysis.degradation(runs, summary)
@@ -107,8 +108,8 @@ def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
     """Record the sweep in each experiment it touched, then write the report of the runs it planned there."""
     written = []
     for experiment in outcome.experiment_dirs:
-        planned = sorted(run_id(p.cfg) for p in outcome.planned
-                         if p.cfg is not None and results.experiment_dir(p.cfg) == experiment)
+        planned = sorted({run_id(p.cfg) for p in outcome.planned  # a set: jobs that repeat a run list it once
+                          if p.cfg is not None and results.experiment_dir(p.cfg) == experiment})
         entry = {"command": command.strip(), "seconds": round(outcome.seconds, 1), "planned": len(outcome.planned),
                  "trained": outcome.trained, "already_done": outcome.already_done, "failed": len(outcome.failures),
                  "runs": planned}

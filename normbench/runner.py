@@ -247,6 +247,7 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
     when it is started again, with the same results as if it had never stopped.
     """
     folder = results.run_dir(cfg)
+    results.check_run_folder(folder)
     device = resolve_device(cfg.device)
     data, model = prepare(cfg, device)
     with results.run_lock(folder):  # raises results.Busy while another process trains this run

@@ -394,3 +394,30 @@ def test_a_completed_run_without_a_test_accuracy_is_skipped_with_a_warning(resul
     (folder / "summary.json").write_text(json.dumps(summary))
     summaries, _, skipped = results.scan(results_dir / "default")
     assert len(summaries) == 1 and any("no final test accuracy" in w and folder.name in w for w in skipped)
+
+
+def test_a_file_in_the_run_folders_place_is_one_line_and_left_alone(results_dir):
+    overrides = tiny_run_overrides(results_dir)
+    folder = results.run_dir(compose(overrides))
+    folder.parent.mkdir(parents=True)
+    folder.write_text("mine")
+    result = invoke("run", *overrides)
+    assert result.exit_code == 2 and "not a folder is in the run folder's place" in result.output
+    assert "Traceback" not in result.output
+    swept = invoke("sweep", *overrides)
+    assert swept.exit_code == 1 and "1 invalid" in swept.output and "move it away" in swept.output
+    assert folder.read_text() == "mine"
+
+
+def test_a_sweep_warns_about_a_finished_run_its_report_leaves_out(results_dir):
+    """An emptied metrics.csv: the sweep's own report skips the run, and says so as `report` does."""
+    overrides, folder = finished(results_dir)
+    finished(results_dir, "seed=1")
+    (folder / "metrics.csv").write_text("")
+    result = invoke("sweep", *overrides[:-1], "seed=0,1", overrides[-1])
+    assert result.exit_code == 0, result.output
+    assert "warning: skipped" in result.output and "metrics.csv unreadable" in result.output
+    assert "2 runs: 0 planned to train, 2 already done" in result.output
+    alone = invoke("sweep", *overrides)  # its only run left out: the error says why
+    assert alone.exit_code == 2 and "1 skipped; the first: skipped" in alone.output
+    assert "metrics.csv unreadable" in alone.output

@@ -268,6 +268,24 @@ def test_quick_preset_composes_against_mnist_files(tmp_path):
 # ---- resume ----------------------------------------------------------------------------------------------
 
 
+def test_jobs_that_differ_only_outside_the_run_id_train_one_run_once(tmp_path, trained):
+    """threads is not part of the run id: threads=1,2 plans one run, trains it once (for threads=1), says so,
+    and the sweep's record lists it once."""
+    args = tiny(tmp_path, "norm=bn,ln", "threads=1,2")
+    planned = sweep.plan(args)
+    assert [p.state for p in planned] == ["new", "duplicate", "new", "duplicate"]
+    assert "threads=2 is the same run as threads=1 (threads is not part of the run id)" in planned[1].error
+    result = CliRunner().invoke(app, ["sweep", *args])
+    assert result.exit_code == 0, result.output
+    assert len(trained) == 2 == len(set(trained))
+    assert "(2 jobs)" in result.output and "2 the same run as an earlier job; trained 2" in result.output
+    record = json.loads((tmp_path / "default" / "sweeps.json").read_text())[-1]
+    assert sorted(record["runs"]) == sorted(trained)
+    assert {results.read_summary(f)["threads"] for f in run_folders(tmp_path / "default")} == {1}
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
+    assert dry.exit_code == 0 and "4 runs: 0 to train, 2 already done" in dry.output
+
+
 def test_resume_skips_finished_runs(tmp_path, trained):
     args = tiny(tmp_path, "norm=bn,ln")
     first = sweep.run(args)

@@ -43,6 +43,18 @@ def _print_plan(planned) -> None:
     for why, cause in causes.items():
         count = sum(1 for row in rows if row[4] == cause)
         console.print(f"[red]({cause})[/red] {count} {'run' if count == 1 else 'runs'}: {escape(why)}", soft_wrap=True)
+    _print_duplicates(planned)
+
+
+def _print_duplicates(planned) -> None:
+    """One line per distinct way jobs repeat an earlier job's run (settings outside the run id differ)."""
+    notes: dict[str, int] = {}
+    for p in planned:
+        if p.state == "duplicate":
+            notes[str(p.error)] = notes.get(str(p.error), 0) + 1
+    for note, count in notes.items():
+        console.print(f"[yellow]note:[/yellow] {escape(note)}" + (f" ({count} jobs)" if count > 1 else ""),
+                      soft_wrap=True)
 
 
 def _counts(planned, retry_failed: bool) -> str:
@@ -50,8 +62,10 @@ def _counts(planned, retry_failed: bool) -> str:
 
     states = [p.state for p in planned]
     todo = len(to_train(planned, retry_failed))
-    return (f"{len(planned)} runs: {todo} to train, {states.count('completed') + states.count('diverged')} already "
-            f"done, {states.count('failed')} failed, {states.count('invalid')} invalid")
+    repeats = states.count("duplicate")
+    return (f"{len(planned)} run{'' if len(planned) == 1 else 's'}: {todo} to train, {states.count('completed') + states.count('diverged')} already "
+            f"done, {states.count('failed')} failed, {states.count('invalid')} invalid"
+            + (f", {repeats} the same run as an earlier job" if repeats else ""))
 
 
 @app.command()
@@ -100,6 +114,7 @@ def sweep(
             reports = []  # nothing finished: the failures below say why
         for rep, path in reports:
             _print_report(rep, path)
+    _print_duplicates(outcome.planned)
     console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
                   + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
     if outcome.failures:
@@ -111,6 +126,8 @@ def _print_report(rep, path: Path) -> None:
     """The pivot and the verdict, as report.md has them, and where report.md is."""
     from normbench import report
 
+    for warning in rep.warnings:  # folders left out (damaged, unreadable), runs that do not mix
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     console.print(report.rich_pivot(rep))
     for panel, sentences in rep.verdict.items():
         console.print(f"[bold]{escape(panel)}[/bold]")
@@ -135,8 +152,6 @@ def make_report(
             raise UserError(f"no run folders under {folder}")
         for experiment in experiments:
             rep = report.build(experiment)
-            for warning in rep.warnings:
-                console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
             _print_report(rep, report.write(rep))
 
 

@@ -47,6 +47,13 @@ def run_dir(cfg: Config, rid: str | None = None) -> Path:
     return inside(results_root(cfg), experiment_dir(cfg) / (rid or run_id(cfg)))
 
 
+def check_run_folder(folder: Path) -> None:
+    """A run's folder is a folder, or not there yet: anything else in its place is the user's to move."""
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise UserError(f"cannot write results to {folder}: something that is not a folder is in the run "
+                        "folder's place; move it away")
+
+
 def adopt_legacy(cfg: Config, folder: Path, holding_lock: bool = False) -> bool:
     """Move a finished run of this config from its normbench 0.2 folder name (`legacy_run_id`) to
     `folder`, when `folder` does not exist yet: the result is kept, not trained again. One rename, so

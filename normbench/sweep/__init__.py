@@ -170,8 +170,11 @@ def _worker_start_seconds() -> float:
 def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[int, str | None]:
     """How many workers the planned training pays for: each extra worker must save more time (its share
     of the estimated training time) than it costs to start. With a note when that is fewer than asked."""
-    seconds = estimated_seconds(to_train(planned, retry_failed))
+    todo = to_train(planned, retry_failed)
     start = _worker_start_seconds()
+    if not todo:
+        return 1, None  # nothing to train: no worker to pay for, and nothing to say about it
+    seconds = estimated_seconds(todo)
     n = jobs
     while n > 1 and seconds * (1 - 1 / n) < start * (n - 1):
         n -= 1

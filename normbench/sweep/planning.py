@@ -39,7 +39,7 @@ RETRIED = ("failed", "diverged")  # finished statuses that --retry-failed trains
 class Planned:
     overrides: list[str]
     cfg: Config | None
-    state: str  # new | running | busy | completed | diverged | failed | invalid
+    state: str  # new | running | busy | completed | diverged | failed | invalid | duplicate (of an earlier job)
     error: str | None = None
     cost: float = 0.0  # estimated training cost, relative (runner.check): parallel sweeps start long runs first
     run_id: str | None = None  # of `cfg`, computed once (it hashes the whole config)
@@ -79,6 +79,7 @@ def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[
     another process now) or its finished status, with the summary it was read from (None when there is
     none for this config). `rid`: the config's run id, when already known."""
     folder = results.run_dir(cfg, rid)
+    results.check_run_folder(folder)
     if clean:
         results.adopt_legacy(cfg, folder)  # a finished run under its 0.2 name (gn8, bn_shared) moves here
     legacy = None if clean else results.legacy_summary(cfg, folder)  # --dry-run: report it, move nothing
@@ -136,9 +137,22 @@ def check_job(overrides: list[str], composed, clean: bool = True, check: Callabl
     return Planned(overrides, cfg, state, (summary or {}).get("error") if state == "failed" else None, cost, rid)
 
 
+def duplicate(planned: Planned, of: Planned) -> Planned:
+    """`planned` marked as the same run as the earlier job `of`: the settings that tell them apart (a sweep
+    over `threads`, say) are not part of the run id, so the run is trained once, for the earlier job."""
+    mine = [o for o in planned.overrides if o not in of.overrides]
+    theirs = [o for o in of.overrides if o not in planned.overrides]
+    keys = sorted({o.lstrip("+~").split("=", 1)[0] for o in mine + theirs})
+    why = (f"{' '.join(mine) or planned.label} is the same run as {' '.join(theirs) or of.label}"
+           + (f" ({', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not part of the run id)" if keys else "")
+           + ": trained once")
+    return dataclasses.replace(planned, state="duplicate", error=why)
+
+
 def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False,
               on_expanded: Callable[[int], None] | None = None) -> Iterator[Planned]:
-    """Expand a sweep and yield, job by job, whether it is new, done, failed or invalid.
+    """Expand a sweep and yield, job by job, whether it is new, done, failed or invalid, or the same run as an
+    earlier job (settings outside the run id, such as `threads`, are all that differ: trained once).
 
     A config that Hydra cannot compose (a typo, a value of the wrong type) stops the sweep with a
     `UserError`; a config that composes but cannot run is planned as invalid, and planning goes on.
@@ -155,8 +169,15 @@ def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_ru
         jobs = expand_jobs(hydra, primary)
         if on_expanded:
             on_expanded(len(jobs))
+        first: dict[str, Planned] = {}  # run id -> the job that plans it
         for job in jobs:
-            yield check_job(job, composer.compose(job), clean=not dry_run, check=check)
+            planned = check_job(job, composer.compose(job), clean=not dry_run, check=check)
+            if planned.run_id is not None:
+                if planned.run_id in first:
+                    planned = duplicate(planned, first[planned.run_id])
+                else:
+                    first[planned.run_id] = planned
+            yield planned
     finally:
         forget_failures()
         GlobalHydra.instance().clear()
