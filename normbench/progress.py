@@ -152,6 +152,10 @@ class SweepDisplay(EpochProgress):
         self.extra = _unnamed_settings(valid)
         self.reported = {self._rid(p) for p in valid} - set(self.costs)
         self.started = time.monotonic()
+        invalid = sum(1 for p in planned if p.state == "invalid")
+        if invalid:
+            self.note(f"{invalid} of the sweep's {len(planned)} jobs cannot run and are not trained; the end of the "
+                      "sweep lists them with the reason (--dry-run lists them before any training)")
         if self.bar:
             self.overall = self.bar.add_task("sweep", total=self.total, info="")
             self.bar.update(self.overall, completed=len(self.reported))

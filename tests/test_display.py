@@ -176,3 +176,15 @@ def test_the_worker_start_cost_can_be_set_and_is_checked(monkeypatch):
 def test_list_refuses_a_config_folder_that_does_not_exist(tmp_path):
     result = CliRunner().invoke(app, ["list", "--config-dir", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such directory" in result.output
+
+
+def test_a_sweep_with_invalid_jobs_says_so_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    args = ["data=synthetic", "data.num_train=64", "data.num_test=32", "model.width=16", "epochs=1", "norm=bn",
+            "batch_size=1,16", f"results_dir={tmp_path}"]
+    out = CliRunner().invoke(app, ["sweep", *args]).output
+    note = out.index("1 of the sweep's 2 jobs cannot run")
+    assert note < out.index("[1/1]")  # before the first run's line

@@ -184,6 +184,11 @@ def test_report_command_on_a_folder_without_runs(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "no run folders under" in result.output
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "typo")])
+    assert missing.exit_code == 2 and "no folder at" in missing.output
+    (tmp_path / "a_file").write_text("x")
+    not_folder = CliRunner().invoke(app, ["report", str(tmp_path / "a_file")])
+    assert not_folder.exit_code == 2 and "is not a folder" in not_folder.output
 
 
 # ---- malformed run folders -------------------------------------------------------------------------------

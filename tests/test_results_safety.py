@@ -421,3 +421,16 @@ def test_a_sweep_warns_about_a_finished_run_its_report_leaves_out(results_dir):
     alone = invoke("sweep", *overrides)  # its only run left out: the error says why
     assert alone.exit_code == 2 and "1 skipped; the first: skipped" in alone.output
     assert "metrics.csv unreadable" in alone.output
+
+
+def test_a_symlinked_run_folder_is_read_and_never_written_through(results_dir, tmp_path):
+    overrides, folder = finished(results_dir)
+    outside = tmp_path / "elsewhere" / folder.name
+    outside.parent.mkdir()
+    folder.rename(outside)
+    (outside / results.CHECKPOINT).write_bytes(b"left by a kill")  # what a report would clean up in its own folder
+    folder.symlink_to(outside, target_is_directory=True)
+    result = invoke("report", str(folder.parent))
+    assert result.exit_code == 0, result.output
+    assert "is a symlink to" in result.output and "nothing is written there" in result.output
+    assert (outside / results.CHECKPOINT).read_bytes() == b"left by a kill"

@@ -147,6 +147,8 @@ def make_report(
     load_plugins(plugin)  # plugin norms are then labelled by what differs from their defaults, as in run ids
 
     with user_errors():
+        if not folder.is_dir():
+            raise UserError(f"no folder at {folder}" if not folder.exists() else f"{folder} is not a folder")
         experiments = [folder] if _has_runs(folder) else sorted(p for p in folder.glob("*") if _has_runs(p))
         if not experiments:
             raise UserError(f"no run folders under {folder}")

@@ -221,9 +221,12 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
 def clean_finished(folder: Path, summary: dict) -> None:
     """Remove what a kill left beside a finished result: temp files, and a checkpoint the run did not keep.
 
-    Only when no process holds the run's lock, so nothing being written is touched.
+    Only when no process holds the run's lock, so nothing being written is touched, and only in a real
+    folder of its experiment: a symlinked run folder is read, never written through.
     """
     try:
+        if folder.is_symlink() or folder.resolve() != folder.parent.resolve() / folder.name:
+            return
         if summary.get("status") not in FINISHED or not (folder / CHECKPOINT).exists() and not any(
                 folder.glob(f".*{TEMP_SUFFIX}")):
             return
@@ -246,6 +249,8 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
         try:
             if p.is_dir() and not p.name.startswith("."):
                 folders.append(p)
+                if p.is_symlink():
+                    warnings.append(f"{p} is a symlink to {p.resolve()}: its run is read, and nothing is written there")
         except OSError:
             warnings.append(f"skipped {p}: cannot read it")
     return folders
