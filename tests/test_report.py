@@ -120,6 +120,7 @@ def test_report_writes_tables_with_documented_columns(experiment):
         assert row["drop"] == pytest.approx(means[16] - means[4])
 
 
+@pytest.mark.real_figures
 def test_report_figures_are_real_images(experiment):
     report.write(report.build(experiment))
     for name in FIGURES:
