@@ -121,8 +121,7 @@ def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(cell,
     loop = copy.deepcopy(fast)
     loop.use_loop = True
     x = torch.randn(12, 8, SHAPE[0] * SHAPE[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    weights = [torch.linspace(-1, 1, fast.hidden_size, dtype=torch.float64), torch.linspace(2, -3, fast.hidden_size,
-                                                                                             dtype=torch.float64)]
+    weights = [torch.linspace(a, b, fast.hidden_size, dtype=torch.float64) for a, b in ((-1, 1), (2, -3))]
     for m in (fast, loop):
         m.train()
     out, out_loop = fast(x), loop(x)

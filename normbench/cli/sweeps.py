@@ -62,10 +62,10 @@ def _counts(planned, retry_failed: bool) -> str:
 
     states = [p.state for p in planned]
     todo = len(to_train(planned, retry_failed))
-    repeats = states.count("duplicate")
-    return (f"{len(planned)} run{'' if len(planned) == 1 else 's'}: {todo} to train, {states.count('completed') + states.count('diverged')} already "
-            f"done, {states.count('failed')} failed, {states.count('invalid')} invalid"
-            + (f", {repeats} the same run as an earlier job" if repeats else ""))
+    done, repeats = states.count("completed") + states.count("diverged"), states.count("duplicate")
+    runs = f"{len(planned)} run{'' if len(planned) == 1 else 's'}"
+    return (f"{runs}: {todo} to train, {done} already done, {states.count('failed')} failed, "
+            f"{states.count('invalid')} invalid" + (f", {repeats} the same run as an earlier job" if repeats else ""))
 
 
 @app.command()

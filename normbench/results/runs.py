@@ -225,10 +225,10 @@ def clean_finished(folder: Path, summary: dict) -> None:
     folder of its experiment: a symlinked run folder is read, never written through.
     """
     try:
-        if folder.is_symlink() or folder.resolve() != folder.parent.resolve() / folder.name:
-            return
         if summary.get("status") not in FINISHED or not (folder / CHECKPOINT).exists() and not any(
                 folder.glob(f".*{TEMP_SUFFIX}")):
+            return
+        if folder.is_symlink() or folder.resolve() != folder.parent.resolve() / folder.name:
             return
         with run_lock(folder):
             remove_stale_temp_files(folder)
