@@ -90,3 +90,11 @@ def test_a_sweep_too_small_for_workers_says_so_in_its_warnings(tmp_path):
     result = normbench.sweep([*TINY_DATA, "norm=ln", "batch_size=16,32", "epochs=1", f"results_dir={tmp_path}"],
                              jobs=2)
     assert result.trained == 2 and any("trains sequentially" in w for w in result.warnings), result.warnings
+
+
+def test_a_sweep_over_a_setting_outside_the_run_id_says_so_in_its_warnings(tmp_path):
+    result = normbench.sweep([*TINY_DATA, "norm=ln", "batch_size=16", "epochs=1", "threads=1,2",
+                              f"results_dir={tmp_path}"])
+    assert result.planned == 2 and result.trained == 1 and len(result.runs) == 1
+    assert result.warnings == ["threads=2 is the same run as threads=1 (threads is not part of the run id): "
+                               "trained once"]
