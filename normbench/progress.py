@@ -17,6 +17,7 @@ from rich.progress import TimeRemainingColumn
 from rich.markup import escape
 from rich.text import Text
 
+from normbench import threads
 from normbench.config import run_id
 from normbench.display import console, duration
 from normbench.results import FINISHED
@@ -152,6 +153,9 @@ class SweepDisplay(EpochProgress):
         self.extra = _unnamed_settings(valid)
         self.reported = {self._rid(p) for p in valid} - set(self.costs)
         self.started = time.monotonic()
+        over = threads.over_cores_note(p.cfg.threads for p in valid)
+        if over:
+            self.note(over)
         invalid = sum(1 for p in planned if p.state == "invalid")
         if invalid:
             self.note(f"{invalid} of the sweep's {len(planned)} jobs cannot run and are not trained; the end of the "

@@ -55,3 +55,12 @@ def choose(threads: int | None, batch_size: int, macs_per_sample: int) -> int:
     if threads is not None:
         return threads
     return 1 if batch_size * macs_per_sample < SMALL_STEP_MACS or busy() else share()
+
+
+def over_cores_note(requested) -> str | None:
+    """A note when a run asks (`threads: N`) for more threads than this machine has cores, else None."""
+    most = max((t for t in requested if t is not None), default=None)
+    if most is None or most <= cores():
+        return None
+    return (f"threads={most} is more than this machine's {cores()} cores: its threads take turns at every "
+            "kernel, which makes training slower, not faster (threads=null chooses by the work)")

@@ -67,3 +67,17 @@ def test_a_sweep_worker_caps_large_runs_at_its_share(results_dir):
     assert 16 * forward_work(net, (1, 28, 28))[1] >= threads.SMALL_STEP_MACS  # a large step: the share applies
     threads.set_share(1)
     assert runner.execute(cfg).summary["threads"] == 1
+
+
+def test_more_threads_than_cores_gets_a_note(results_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    assert threads.over_cores_note([None, 2, 1]) is None
+    assert "threads=8 is more than this machine's 2 cores" in threads.over_cores_note([None, 8, 3])
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny_run_overrides(results_dir, threads=8)])
+    assert dry.exit_code == 0 and "threads=8 is more than this machine's 2 cores" in dry.output
+    ran = CliRunner().invoke(app, ["run", *tiny_run_overrides(results_dir, threads=2)])
+    assert ran.exit_code == 0 and "more than this machine" not in ran.output

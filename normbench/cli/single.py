@@ -22,6 +22,7 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
 
     A run that already finished is shown, not trained again (unless --force).
     """
+    from normbench import threads
     from normbench.config import compose
     from normbench.display import summary_table
     from normbench.progress import EpochProgress
@@ -30,6 +31,9 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
     load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
+        note = threads.over_cores_note([cfg.threads])
+        if note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
         with EpochProgress(cfg.epochs, cfg.batch_size) as progress:
             result = execute(cfg, progress, replace=force)
     console.print(summary_table(result.summary))

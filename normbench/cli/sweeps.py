@@ -44,6 +44,15 @@ def _print_plan(planned) -> None:
         count = sum(1 for row in rows if row[4] == cause)
         console.print(f"[red]({cause})[/red] {count} {'run' if count == 1 else 'runs'}: {escape(why)}", soft_wrap=True)
     _print_duplicates(planned)
+    _print_threads_note(planned)
+
+
+def _print_threads_note(planned) -> None:
+    from normbench.threads import over_cores_note
+
+    note = over_cores_note(p.cfg.threads for p in planned if p.cfg is not None)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 def _print_duplicates(planned) -> None:
