@@ -284,6 +284,11 @@ def test_jobs_that_differ_only_outside_the_run_id_train_one_run_once(tmp_path, t
     assert {results.read_summary(f)["threads"] for f in run_folders(tmp_path / "default")} == {1}
     dry = CliRunner().invoke(app, ["sweep", "--dry-run", *args])
     assert dry.exit_code == 0 and "4 runs: 0 to train, 2 already done" in dry.output
+    # values that mean the same: a normalization batch equal to the SGD batch is BN over the whole batch
+    same = sweep.plan(tiny(tmp_path, "batch_size=16", "norm_batch_size=null,16"))
+    assert [p.state for p in same] == ["new", "duplicate"]
+    assert same[1].error == ("norm_batch_size=16 is the same run as norm_batch_size=null (the same config once its "
+                             "values are resolved): trained once")
 
 
 def test_resume_skips_finished_runs(tmp_path, trained):

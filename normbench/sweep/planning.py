@@ -28,6 +28,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from normbench import results
 from normbench.config import Config, config_hash, run_id
+from normbench.config.ids import NOT_HASHED
 from normbench.errors import UserError
 from normbench.sweep.composing import JobComposer, finish
 from normbench.sweep.hydra_glue import check_bookkeeping, compose_primary, expand_jobs
@@ -138,13 +139,16 @@ def check_job(overrides: list[str], composed, clean: bool = True, check: Callabl
 
 
 def duplicate(planned: Planned, of: Planned) -> Planned:
-    """`planned` marked as the same run as the earlier job `of`: the settings that tell them apart (a sweep
-    over `threads`, say) are not part of the run id, so the run is trained once, for the earlier job."""
+    """`planned` marked as the same run as the earlier job `of`: the settings that tell them apart are not
+    part of the run id (a sweep over `threads`) or mean the same (norm_batch_size equal to batch_size is
+    BN over the whole batch, as null is), so the run is trained once, for the earlier job."""
     mine = [o for o in planned.overrides if o not in of.overrides]
     theirs = [o for o in of.overrides if o not in planned.overrides]
     keys = sorted({o.lstrip("+~").split("=", 1)[0] for o in mine + theirs})
+    unhashed = bool(keys) and all(k in NOT_HASHED for k in keys)
     why = (f"{' '.join(mine) or planned.label} is the same run as {' '.join(theirs) or of.label}"
-           + (f" ({', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not part of the run id)" if keys else "")
+           + (f" ({', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not part of the run id)" if unhashed
+              else " (the same config once its values are resolved)" if keys else "")
            + ": trained once")
     return dataclasses.replace(planned, state="duplicate", error=why)
 
