@@ -121,7 +121,7 @@ def sweep(overrides: Overrides | None = None, *, jobs: int = 1, config_dir: str 
     # what the command line prints as notes: --jobs capped, or fewer workers than asked because they would not pay
     notes = [capped] + ([sweeps.paying_jobs(outcome.planned, jobs, retry_failed)[1]] if jobs > 1 else [])
     # and jobs that are one run (settings outside the run id differ), one note per kind
-    notes += list(dict.fromkeys(p.error for p in outcome.planned if p.state == "duplicate"))
+    notes += sweeps.planning.duplicate_notes(outcome.planned)
     built = []
     try:
         built = reports.after_sweep(outcome, "normbench.sweep(...)") if report else \

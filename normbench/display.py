@@ -12,6 +12,7 @@ import os
 from contextlib import contextmanager
 
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 from rich.progress import Progress as RichBar, SpinnerColumn, TextColumn
 from rich.table import Table
 
@@ -35,6 +36,12 @@ class _Console(Console):
 
 
 console = _Console(highlight=False)
+
+
+def note(text: str | None, out: Console = console) -> None:
+    """A yellow 'note:' line, when there is one (`text` is None when there is nothing to say)."""
+    if text:
+        out.print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def duration(seconds: float) -> str:

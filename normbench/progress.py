@@ -14,12 +14,11 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, ProgressColumn, TextColumn
 from rich.progress import TimeRemainingColumn
-from rich.markup import escape
 from rich.text import Text
 
 from normbench import threads
 from normbench.config import run_id
-from normbench.display import console, duration
+from normbench.display import console, duration, note
 from normbench.results import FINISHED
 from normbench.train import EpochRecord, Progress
 
@@ -130,7 +129,7 @@ class SweepDisplay(EpochProgress):
         self.active: dict[str, int] = {}  # runs in training -> their bar
 
     def note(self, text: str) -> None:
-        self.out.print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True)
+        note(text, self.out)
 
     def planned(self, job) -> None:
         """One more job composed and checked: a count while the sweep is planned (on a terminal only)."""

@@ -148,12 +148,10 @@ def judge(claim: Claim, runs: pd.DataFrame) -> Judgement:
             continue
         frames.append(rows.assign(check=i, says=check.says, expect=check.expect, margin=check.margin))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if table.empty:
-        return Judgement(claim, "inconclusive", table, "no finished runs (completed, with the metric) for "
-                         + "; ".join(missing))
-    table["p_holm"] = holm(table.p.tolist())
-    table["outcome"] = [outcome(claim.checks[int(r.check)], r) for _, r in table.iterrows()]
-    if missing:
+    if not table.empty:
+        table["p_holm"] = holm(table.p.tolist())
+        table["outcome"] = [outcome(claim.checks[int(r.check)], r) for _, r in table.iterrows()]
+    if missing or table.empty:
         return Judgement(claim, "inconclusive", table, "no finished runs (completed, with the metric) for "
                          + "; ".join(missing))
     found = set(table.outcome)

@@ -132,9 +132,9 @@ def judge_all(claims: list[Claim], outcome: SuiteOutcome) -> list[Judgement]:
     folder = results.experiment_dir(planned[0].cfg)
     summaries, _, skipped = results.scan(folder) if folder.is_dir() else ([], {}, [])
     by_id = {s["run_id"]: s for s in summaries}
-    mine = {p.run_id for p in planned}
-    outcome.warnings = [w for w in skipped if any(rid in w for rid in mine)]  # other folders are not ours to judge
-    probes, probe_warnings = probe_metrics([folder / rid for rid in by_id if rid in mine])
+    planned_ids = {p.run_id for p in planned}
+    outcome.warnings = [w for w in skipped if any(rid in w for rid in planned_ids)]  # others are not ours to judge
+    probes, probe_warnings = probe_metrics([folder / rid for rid in by_id if rid in planned_ids])
     outcome.warnings += probe_warnings
     judgements = []
     for claim in claims:

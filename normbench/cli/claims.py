@@ -47,13 +47,12 @@ def claims(
     load_plugins(plugin)
     from normbench import sweep as sweeps
     from normbench.claims import suite, writing
-    from normbench.display import planning_count
+    from normbench.display import note, planning_count
 
     with user_errors():
         chosen = select(names)
-        jobs, note = sweeps.capped_jobs(jobs)
-        if note:
-            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        jobs, capped = sweeps.capped_jobs(jobs)
+        note(capped)
         if dry_run:
             with planning_count() as planned_one:
                 outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)

@@ -24,16 +24,14 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
     """
     from normbench import threads
     from normbench.config import compose
-    from normbench.display import summary_table
+    from normbench.display import note, summary_table
     from normbench.progress import EpochProgress
     from normbench.runner import execute
 
     load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
-        note = threads.over_cores_note([cfg.threads])
-        if note:
-            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        note(threads.over_cores_note([cfg.threads]))
         with EpochProgress(cfg.epochs, cfg.batch_size) as progress:
             result = execute(cfg, progress, replace=force)
     console.print(summary_table(result.summary))

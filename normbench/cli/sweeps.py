@@ -11,7 +11,7 @@ from rich.table import Table
 
 from normbench.cli.common import (ConfigDir, Overrides, Plugins, app, load_plugins, print_failures,
                                   user_errors)
-from normbench.display import console, duration
+from normbench.display import console, duration, note
 from normbench.errors import UserError
 
 
@@ -50,20 +50,14 @@ def _print_plan(planned) -> None:
 def _print_threads_note(planned) -> None:
     from normbench.threads import over_cores_note
 
-    note = over_cores_note(p.cfg.threads for p in planned if p.cfg is not None)
-    if note:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    note(over_cores_note(p.cfg.threads for p in planned if p.cfg is not None))
 
 
 def _print_duplicates(planned) -> None:
-    """One line per distinct way jobs repeat an earlier job's run (settings outside the run id differ)."""
-    notes: dict[str, int] = {}
-    for p in planned:
-        if p.state == "duplicate":
-            notes[str(p.error)] = notes.get(str(p.error), 0) + 1
-    for note, count in notes.items():
-        console.print(f"[yellow]note:[/yellow] {escape(note)}" + (f" ({count} jobs)" if count > 1 else ""),
-                      soft_wrap=True)
+    from normbench.sweep.planning import duplicate_notes
+
+    for text in duplicate_notes(planned):
+        note(text)
 
 
 def _counts(planned, retry_failed: bool) -> str:
@@ -95,9 +89,8 @@ def sweep(
 
     load_plugins(plugin)
     with user_errors():
-        jobs, note = sweeps.capped_jobs(jobs)
-        if note:
-            console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        jobs, capped = sweeps.capped_jobs(jobs)
+        note(capped)
         if dry_run:
             with planning_count() as planned_one:
                 planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)

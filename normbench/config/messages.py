@@ -52,6 +52,12 @@ def _schema_named(name: str) -> type | None:
     return next((s for s in every if s.__name__ == name), None)
 
 
+def _valid_keys(schema_name: str) -> str:
+    """'; valid keys here: ...' for a schema class's name, or '' for one that is not normbench's."""
+    schema = _schema_named(schema_name)
+    return f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
+
+
 def clean_hydra_error(e: Exception) -> str:
     """One clear line from a Hydra/OmegaConf error, without Hydra internals or our schema names."""
     cause = e.__cause__ if isinstance(e, HydraException) and e.__cause__ is not None else e
@@ -71,15 +77,13 @@ def clean_hydra_error(e: Exception) -> str:
     full_key = re.search(r"full_key: (\S+)", text)
     first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__
     if isinstance(cause, ConfigAttributeError) and full_key:
-        schema = _schema_named(re.search(r"object_type=(\w+)", text).group(1))
-        valid = f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
-        return f"unknown key '{full_key.group(1)}'{valid}"
+        schema = re.search(r"object_type=(\w+)", text).group(1)
+        return f"unknown key '{full_key.group(1)}'{_valid_keys(schema)}"
     not_in = re.search(r"Key '[^']+' not in '(\w+)'", text)
     if full_key and not_in:  # a preset (or another config) sets a key the chosen model, norm, ... does not have
-        schema = _schema_named(not_in.group(1))
-        valid = f"; valid keys here: {', '.join(_schema_fields(schema))}" if schema else ""
         where = re.match(r"In '([^']+)'", text.strip())
-        return f"unknown key '{full_key.group(1)}'" + (f" (set in {where.group(1)})" if where else "") + valid
+        return (f"unknown key '{full_key.group(1)}'" + (f" (set in {where.group(1)})" if where else "")
+                + _valid_keys(not_in.group(1)))
     if full_key:
         return f"{full_key.group(1)}: {first}"
     return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "hydra.cc/docs" not in ln)

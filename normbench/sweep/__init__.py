@@ -171,7 +171,7 @@ def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[
     """How many workers the planned training pays for: each extra worker must save more time (its share
     of the estimated training time) than it costs to start. With a note when that is fewer than asked."""
     todo = to_train(planned, retry_failed)
-    start = _worker_start_seconds()
+    start = _worker_start_seconds()  # read first: a bad NORMBENCH_WORKER_START_SECONDS is an error either way
     if not todo:
         return 1, None  # nothing to train: no worker to pay for, and nothing to say about it
     seconds = estimated_seconds(todo)

@@ -153,6 +153,15 @@ def duplicate(planned: Planned, of: Planned) -> Planned:
     return dataclasses.replace(planned, state="duplicate", error=why)
 
 
+def duplicate_notes(planned: list[Planned]) -> list[str]:
+    """One note per distinct way jobs repeat an earlier job's run, with how many jobs do, when more than one."""
+    counts: dict[str, int] = {}
+    for p in planned:
+        if p.state == "duplicate":
+            counts[str(p.error)] = counts.get(str(p.error), 0) + 1
+    return [text + (f" ({n} jobs)" if n > 1 else "") for text, n in counts.items()]
+
+
 def iter_plan(overrides: list[str], config_dir: str | Path | None = None, dry_run: bool = False,
               on_expanded: Callable[[int], None] | None = None) -> Iterator[Planned]:
     """Expand a sweep and yield, job by job, whether it is new, done, failed or invalid, or the same run as an
