@@ -68,7 +68,7 @@ def clean_hydra_error(e: Exception) -> str:
     if isinstance(cause, OverrideParseException):
         which = re.search(r"Error parsing override '(.*)'", text)
         return f"cannot parse override '{_shown(which.group(1)) if which else '?'}': {_parse_problem('', text)}"
-    missing = re.search(r"Could not find '([^/']+)/([^']*)'", text)
+    missing = re.search(r"Could not find '([^/']+)/([^']*)'", text) or re.search(r"You must specify '([^']+)'()", text)
     if missing and "Available options" in text:
         options = text.split("Available options", 1)[1].split("Config search path")[0].splitlines()[1:]
         valid = ", ".join(o.strip() for o in options if o.strip() and not o.strip().startswith(SCHEMA_PREFIX))
@@ -84,6 +84,12 @@ def clean_hydra_error(e: Exception) -> str:
         where = re.match(r"In '([^']+)'", text.strip())
         return (f"unknown key '{full_key.group(1)}'" + (f" (set in {where.group(1)})" if where else "")
                 + _valid_keys(not_in.group(1)))
+    if full_key and "does not support deletion" in text:  # ~model.width: a group's settings cannot be removed
+        key = full_key.group(1)
+        return (f"cannot delete '{key}': the settings inside {key.split('.')[0]} cannot be removed; set it "
+                f"instead ({key}=VALUE; normbench config shows its default)")
+    if full_key and "missing mandatory value" in text:  # key=??? or ~group
+        return f"{full_key.group(1)} has no value (set to ??? or deleted with ~); set it: {full_key.group(1)}=VALUE"
     if full_key:
         return f"{full_key.group(1)}: {first}"
     return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "hydra.cc/docs" not in ln)
