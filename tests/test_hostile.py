@@ -82,7 +82,7 @@ def test_disk_full_while_writing_keeps_earlier_results(results_dir, monkeypatch)
     with pytest.raises(ResultsError, match="No space left on device"):
         results.write_summary(folder, {"status": "completed", "overwritten": True})
     result = invoke("run", *tiny_run_overrides(results_dir), "--force")
-    one_error_line(result, "could not write", "No space left on device", "unchanged")
+    one_error_line(result, "could not write", "No space left on device", "there before, if any, is unchanged")
     monkeypatch.undo()
     assert snapshot(results_dir) == before  # every earlier byte intact, no temp files left
 

@@ -77,7 +77,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except OSError as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        raise ResultsError(f"could not write {path}: {e.strerror or e}; files already there are unchanged") from e
+        raise ResultsError(f"could not write {path}: {e.strerror or e}; the {path.name} there before, if any, is unchanged") from e
     except BaseException:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
