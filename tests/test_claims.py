@@ -158,6 +158,15 @@ def test_claims_dry_run_and_list(tmp_path):
                                    "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "distinct runs (claims share some)" in dry.output and not (tmp_path / "claims").exists()
+    jobs = CliRunner().invoke(app, ["claims", "bn_eval", *SYNTHETIC, f"results_dir={tmp_path}", "--dry-run",
+                                    "--jobs", "2"], env={"NORMBENCH_WORKER_START_SECONDS": "3600"})
+    assert jobs.exit_code == 0 and "too little to pay for starting 1 more worker process" in jobs.output
+    bad = CliRunner().invoke(app, ["claims", "bn_eval", *SYNTHETIC, f"results_dir={tmp_path}", "--dry-run"],
+                             env={"NORMBENCH_WORKER_START_SECONDS": "soon"})
+    assert bad.exit_code == 2 and "NORMBENCH_WORKER_START_SECONDS must be a number" in bad.output
+    launcher = CliRunner().invoke(app, ["claims", "bn_eval", *SYNTHETIC, f"results_dir={tmp_path}", "--dry-run",
+                                        "--jobs", "2", "hydra/launcher=submitit_local"])
+    assert launcher.exit_code == 2 and "--jobs runs processes on this machine" in launcher.output
 
 
 def test_claims_user_errors_are_one_line(tmp_path):

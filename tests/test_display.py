@@ -146,6 +146,18 @@ def test_dry_run_gives_the_estimated_training_time(results_dir):
     assert "estimated training time: about" in result.output
 
 
+def test_dry_run_says_what_jobs_would_do_and_refuses_what_the_sweep_refuses(results_dir):
+    args = ["sweep", "--dry-run", "--jobs", "2", *tiny_run_overrides(results_dir), "seed=0,1"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "too little to pay for starting 1 more worker process" in result.output
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300", "NORMBENCH_WORKER_START_SECONDS": "soon"})
+    assert result.exit_code == 2 and "NORMBENCH_WORKER_START_SECONDS must be a number" in result.output
+    result = CliRunner().invoke(app, [*args, "hydra/launcher=slurm"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "--jobs runs processes on this machine" in result.output
+    assert "runs:" not in result.output  # refused before planning
+
+
 def test_progress_lines_name_the_varied_settings_a_run_id_does_not():
     out = io.StringIO()
     display = progress.SweepDisplay(Console(file=out, width=300))

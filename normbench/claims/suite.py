@@ -101,6 +101,7 @@ def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, 
     t0 = time.perf_counter()
     shown = display.planned if display is not None else None
     launcher = sweeps.configured_launcher(claim_overrides(claims[0], scale, overrides), config_dir)
+    sweeps.check_jobs(jobs, launcher)
     outcome = plan(claims, scale, overrides, config_dir, shown=shown)
     invalid = [(cid, p) for cid, planned in outcome.plans.items() for p in planned if p.state == "invalid"]
     if invalid:
@@ -115,9 +116,6 @@ def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, 
     if launcher == "basic":
         outcome.sweeps = [sweeps.train_planned(outcome.unique, jobs, retry_failed, display)]
     else:
-        if jobs > 1:
-            raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
-                            "launcher's own parallelism instead")
         outcome.sweeps = [sweeps.run(claim_overrides(claim, scale, overrides), config_dir, retry_failed=retry_failed,
                                      display=display) for claim in claims]
     outcome.seconds = time.perf_counter() - t0

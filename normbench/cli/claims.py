@@ -54,9 +54,12 @@ def claims(
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)
         if dry_run:
+            sweeps.check_jobs(jobs, sweeps.configured_launcher(suite.claim_overrides(chosen[0], scale, overrides),
+                                                               config_dir))
             with planning_count() as planned_one:
                 outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
             _print_claims_plan(outcome, retry_failed)
+            note(sweeps.paying_jobs(outcome.unique, jobs, retry_failed)[1])  # what training would do with --jobs
             bad = any(p.state == "invalid" for p in outcome.unique) or outcome.uncovered
             raise typer.Exit(1 if bad else 0)
         from normbench.progress import SweepDisplay

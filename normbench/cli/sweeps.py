@@ -92,6 +92,7 @@ def sweep(
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)
         if dry_run:
+            sweeps.check_jobs(jobs, sweeps.configured_launcher(overrides or [], config_dir))
             with planning_count() as planned_one:
                 planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
             _print_plan(planned)
@@ -100,6 +101,7 @@ def sweep(
             if todo:
                 console.print(f"estimated training time: about {duration(sweeps.estimated_seconds(todo))} sequentially "
                               f"on a 2-core CPU like ours ({sweeps.planning.ESTIMATE_NOTE})")
+            note(sweeps.jobs_note(planned, jobs, retry_failed))
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
         from normbench import report
         from normbench.progress import SweepDisplay

@@ -205,6 +205,21 @@ def train_planned(planned: list[Planned], jobs: int = 1, retry_failed: bool = Fa
     return outcome
 
 
+def check_jobs(jobs: int, launcher: str) -> None:
+    """--jobs starts processes on this machine: refused with another Hydra launcher."""
+    if jobs > 1 and launcher != "basic":
+        raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
+                        "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+
+
+def jobs_note(planned: list[Planned], jobs: int, retry_failed: bool) -> str | None:
+    """For --dry-run: what `run` would say about --jobs for this plan (a bad NORMBENCH_WORKER_START_SECONDS
+    is refused as `run` refuses it)."""
+    if jobs <= 1 or len(planned) > OVERLAP_JOBS:
+        return None  # a large sweep starts its workers while it plans: they pay for themselves
+    return paying_jobs(planned, jobs, retry_failed)[1]
+
+
 def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int = 1, retry_failed: bool = False,
         display=None) -> SweepOutcome:
     """Plan the sweep, then train every job that is not finished yet. Failures are recorded, not raised.
@@ -214,9 +229,7 @@ def run(overrides: list[str], config_dir: str | Path | None = None, *, jobs: int
     """
     t0 = time.perf_counter()
     launcher = configured_launcher(overrides, config_dir)
-    if jobs > 1 and launcher != "basic":
-        raise UserError(f"--jobs runs processes on this machine; with hydra/launcher={launcher}, set that "
-                        "launcher's own parallelism instead (e.g. hydra.launcher.array_parallelism)")
+    check_jobs(jobs, launcher)
     check_launcher(launcher)
     shown = display.planned if display is not None else (lambda p: None)
     if launcher == "basic" and jobs > 1 and len(expand(overrides, config_dir)) <= OVERLAP_JOBS:
