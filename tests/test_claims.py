@@ -214,10 +214,12 @@ def test_an_override_that_removes_a_compared_side_stops_before_training(tmp_path
     assert dry.exit_code == 1 and "no planned runs can make the comparison" in dry.output
 
 
-def test_a_composition_error_names_its_claim_and_the_key(tmp_path):
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--dry-run", "--jobs", "2"], ["--jobs", "2"], []])
+def test_a_composition_error_names_its_claim_and_the_key(tmp_path, flags):
     result = CliRunner().invoke(app, ["claims", "gn_bridge", "bn_eval", *SYNTHETIC, "model.channels=[4,4,4]",
-                                      f"results_dir={tmp_path}", "--dry-run"])
+                                      f"results_dir={tmp_path}", *flags])
     assert result.exit_code == 2 and result.output.startswith("error: claim bn_eval: unknown key 'model.channels'")
+    assert not (tmp_path / "claims").exists() or not any((tmp_path / "claims").iterdir())
 
 
 def test_an_override_without_a_value_gets_a_hint():

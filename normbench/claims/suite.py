@@ -93,6 +93,16 @@ def plan(claims: list[Claim], scale: str, overrides: list[str], config_dir=None,
     return SuiteOutcome(plans, uncovered=uncovered)
 
 
+def launcher_of(claims: list[Claim], scale: str, overrides: list[str], config_dir=None) -> str:
+    """The Hydra launcher the claims' sweeps go through (the overrides choose it, so it is the same for all)."""
+    from normbench import sweep as sweeps
+
+    try:
+        return sweeps.configured_launcher(claim_overrides(claims[0], scale, overrides), config_dir)
+    except UserError as e:
+        raise UserError(f"claim {claims[0].id}: {e}") from e
+
+
 def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, jobs: int = 1,
         retry_failed: bool = False, display=None) -> SuiteOutcome:
     """Plan every claim, stop before training if any job is invalid, train, then judge and write."""
@@ -100,7 +110,7 @@ def run(claims: list[Claim], scale: str, overrides: list[str], config_dir=None, 
 
     t0 = time.perf_counter()
     shown = display.planned if display is not None else None
-    launcher = sweeps.configured_launcher(claim_overrides(claims[0], scale, overrides), config_dir)
+    launcher = launcher_of(claims, scale, overrides, config_dir)
     sweeps.check_jobs(jobs, launcher)
     outcome = plan(claims, scale, overrides, config_dir, shown=shown)
     invalid = [(cid, p) for cid, planned in outcome.plans.items() for p in planned if p.state == "invalid"]

@@ -54,8 +54,8 @@ def claims(
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)
         if dry_run:
-            sweeps.check_jobs(jobs, sweeps.configured_launcher(suite.claim_overrides(chosen[0], scale, overrides),
-                                                               config_dir))
+            if jobs > 1:  # (the launcher matters only then)
+                sweeps.check_jobs(jobs, suite.launcher_of(chosen, scale, overrides, config_dir))
             with planning_count() as planned_one:
                 outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
             _print_claims_plan(outcome, retry_failed)

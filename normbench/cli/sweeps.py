@@ -92,7 +92,8 @@ def sweep(
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)
         if dry_run:
-            sweeps.check_jobs(jobs, sweeps.configured_launcher(overrides or [], config_dir))
+            if jobs > 1:  # (the launcher matters only then)
+                sweeps.check_jobs(jobs, sweeps.configured_launcher(overrides or [], config_dir))
             with planning_count() as planned_one:
                 planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
             _print_plan(planned)
