@@ -113,8 +113,9 @@ def after_sweep(outcome, command: str) -> list[tuple[Report, Path]]:
         entry = {"command": command.strip(), "seconds": round(outcome.seconds, 1), "planned": len(outcome.planned),
                  "trained": outcome.trained, "already_done": outcome.already_done, "failed": len(outcome.failures),
                  "runs": planned}
-        results.record_sweep(experiment, entry)
+        kept = results.record_sweep(experiment, entry)
         rep = build(experiment, sweep=entry)
+        rep.warnings += [kept] if kept else []
         written.append((rep, write(rep)))
     return written
 

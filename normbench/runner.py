@@ -32,6 +32,7 @@ class RunResult:
     folder: Path
     summary: dict
     trained: bool = True  # false: the folder already held a finished result, returned as it was
+    kept_aside: str | None = None  # a damaged result that was in the folder: where it went, and why
 
 
 def norm_factory(cfg: Config) -> NormFactory:
@@ -196,7 +197,7 @@ def _resume_state(folder: Path, cfg: Config, model: nn.Module) -> dict | None:
 def finished_summary(folder: Path, cfg: Config) -> dict | None:
     """The summary of a finished run of this config in `folder`, or None."""
     summary = results.read_summary(folder)
-    if summary is None or summary.get("config_hash") != config_hash(cfg):
+    if summary is None or summary.get("config_hash") != config_hash(cfg) or results.summary_problem(summary, folder):
         return None
     return summary if summary.get("status") in results.FINISHED else None
 
@@ -257,11 +258,14 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
         retrain = replace is True or (replace and done is not None and done["status"] in replace)
         if done is not None and not retrain:
             return RunResult(folder, done, trained=False)
+        kept = None
+        if done is None and (why := results.damaged_result(folder)):  # not a result: trained again, kept
+            kept = f"{folder}'s result could not be trusted ({why}): kept aside as {results.keep_damaged_aside(folder)}"
         target = _aside(folder, "attempt") if done is not None else folder
         summary = _train(cfg, target, data, model, device, progress)
         if target != folder:
             _replace(folder, target)
-        return RunResult(folder, summary)
+        return RunResult(folder, summary, kept_aside=kept)
 
 
 def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torch.device,

@@ -315,3 +315,17 @@ def test_run_id_is_stable_and_ignores_locations(tmp_path):
 def test_shell_completion_is_offered():
     result = invoke("--help")
     assert result.exit_code == 0 and "--install-completion" in result.output
+
+
+def test_config_of_a_preset_says_its_sweep_is_not_expanded_on_stderr_and_stays_yaml_on_stdout():
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "normbench", "config", "experiment=quick", "hydra.run.dir=x"],
+                           capture_output=True, text=True, check=True)
+    assert yaml.safe_load(shown.stdout)["name"] == "quick"
+    note = " ".join(shown.stderr.split())
+    assert note.startswith("note: hydra.run.dir: Hydra's settings") and "without expanding its sweep" in note
+    plain = subprocess.run([sys.executable, "-m", "normbench", "config", "norm=gn"], capture_output=True, text=True,
+                           check=True)
+    assert plain.stderr == ""

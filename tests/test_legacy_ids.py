@@ -15,7 +15,8 @@ def _finished_under_the_old_name(results_dir):
     assert old_id is not None and old_id != run_id(cfg) and old_id.startswith("cnn-gn-b16-")
     done = runner.execute(cfg)
     old = done.folder.parent / old_id
-    done.folder.rename(old)  # as normbench 0.2 left it
+    done.folder.rename(old)  # as normbench 0.2 left it, its summary naming it by the old id
+    results.write_summary(old, {**results.read_summary(old), "run_id": old_id})
     return cfg, old, (old / "metrics.csv").read_bytes()
 
 
@@ -24,6 +25,8 @@ def test_run_adopts_the_old_folder_instead_of_training(results_dir):
     again = runner.execute(cfg)
     assert not again.trained and not old.exists()
     assert again.folder.name == run_id(cfg) and (again.folder / "metrics.csv").read_bytes() == metrics
+    summaries, _, warnings = results.scan(again.folder.parent)  # its summary names it by its new id now
+    assert [s["run_id"] for s in summaries] == [run_id(cfg)] and not warnings
 
 
 def test_a_sweep_counts_it_done_and_a_dry_run_moves_nothing(results_dir):

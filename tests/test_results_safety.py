@@ -146,7 +146,11 @@ def test_an_experiment_folder_that_is_a_symlink_out_is_refused(results_dir, tmp_
     (tmp_path / "outside").mkdir()
     results_dir.mkdir()
     (results_dir / "default").symlink_to(tmp_path / "outside", target_is_directory=True)
-    one_error_line(invoke("run", *tiny_run_overrides(results_dir)), "outside results_dir")
+    one_error_line(invoke("run", *tiny_run_overrides(results_dir)), "outside results_dir", "(remove the symlink)")
+    # a sweep names the folder too, not Hydra's bookkeeping folder inside it, which the user never set
+    line = one_error_line(invoke("sweep", *tiny_run_overrides(results_dir), "--dry-run"),
+                          f"{results_dir / 'default'} leads to", "(remove the symlink)")
+    assert "hydra" not in line
     assert list((tmp_path / "outside").iterdir()) == []
 
 
@@ -161,8 +165,19 @@ def test_results_dir_itself_may_be_a_symlink(results_dir, tmp_path):
 def test_hydra_bookkeeping_outside_results_dir_is_refused(results_dir, tmp_path, key):
     elsewhere = tmp_path / "etc" / "x"
     result = invoke("sweep", *tiny_run_overrides(results_dir), f"{key}={elsewhere}", "--dry-run")
-    one_error_line(result, "must stay inside results_dir")
+    line = one_error_line(result, f"{key} ({elsewhere}): Hydra's own folders must stay inside results_dir too: "
+                                  f"{elsewhere} is outside results_dir")
+    assert "symlink" not in line  # there is none
     assert not elsewhere.exists() and not (tmp_path / "etc").exists()
+    ran = invoke("run", *tiny_run_overrides(results_dir), f"{key}={elsewhere}")  # one config: Hydra's folders unused
+    assert ran.exit_code == 0 and f"note: {key}: Hydra's settings" in ran.output and "normbench run ignores them" \
+        in ran.output
+    assert not elsewhere.exists() and not (tmp_path / "etc").exists()
+
+
+def test_an_experiment_name_that_climbs_out_is_refused_by_its_own_rule(results_dir):
+    one_error_line(invoke("sweep", *tiny_run_overrides(results_dir), "name=../x", "--dry-run"),
+                   "name '../x' must be letters, digits")
 
 
 def test_dry_run_writes_nothing(results_dir):
@@ -231,15 +246,28 @@ def test_a_damaged_summary_never_crashes_and_never_blocks_the_run(results_dir, c
     (lambda s: s.update(wall_seconds="slow"), "malformed 'wall_seconds'"),
     (lambda s: s.update(shifts={"contrast:0.5": "x"}), "malformed 'shifts'"),
 ])
-def test_a_hand_edited_summary_is_skipped_with_a_warning(results_dir, edit, why):
-    _, folder = finished(results_dir)
+def test_a_hand_edited_summary_is_skipped_with_a_warning_and_trained_again_beside_it(results_dir, edit, why):
+    overrides, folder = finished(results_dir)
     _, good = finished(results_dir, "seed=1")
     summary = results.read_summary(folder)
     edit(summary)
-    (folder / "summary.json").write_text(json.dumps(summary))
+    damaged = json.dumps(summary)
+    (folder / "summary.json").write_text(damaged)
     result = invoke("report", str(folder.parent))
     assert result.exit_code == 0, result.output
     assert f"warning: skipped {folder}: " in result.output and why in result.output
+    dry = invoke("sweep", *overrides, "--dry-run")
+    assert dry.exit_code == 0 and "1 to train" in dry.output, dry.output
+    again = invoke("run", *overrides)  # (a malformed 'final' was shown as finished, and crashed the table)
+    assert again.exit_code == 0 and "Traceback" not in again.output, again.output
+    aside = folder.with_name(f".{folder.name}.damaged-1")
+    assert "could not be trusted" in again.output and why in " ".join(again.output.split())
+    assert (aside / "summary.json").read_text() == damaged  # nothing lost
+    assert results.summary_problem(results.read_summary(folder), folder) is None
+    summaries, _, warnings = results.scan(folder.parent)
+    assert sorted(s["run_id"] for s in summaries) == sorted([folder.name, good.name])
+    assert warnings == [f"{aside}: the damaged result of run {folder.name}, kept aside when the run was trained "
+                        "again; remove it once you no longer need it"]
 
 
 def test_an_unreadable_run_folder_is_skipped_with_a_warning(results_dir, monkeypatch):
@@ -270,6 +298,7 @@ def test_a_damaged_sweeps_json_is_kept_aside_not_crashed_on(results_dir, content
     recorded = json.loads((experiment / "sweeps.json").read_text())
     assert recorded[-1]["command"].startswith("normbench sweep")
     assert (experiment / "sweeps.json.damaged-1").read_text() == content
+    assert "kept aside as sweeps.json.damaged-1" in " ".join(result.output.split())
 
 
 def test_a_forged_checkpoint_with_wrong_shapes_means_a_fresh_start(results_dir, monkeypatch):

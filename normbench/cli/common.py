@@ -41,6 +41,20 @@ def load_plugins(plugins: list[str] | None) -> None:
         load(plugins or [])
 
 
+def one_config_note(overrides: list[str] | None, command: str) -> str | None:
+    """For `run` and `config`, which compose one config: what in the overrides only a sweep uses."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides or []]
+    unused = [k for k in keys if k.startswith("hydra")]
+    preset = "experiment" in keys
+    if not unused and not preset:
+        return None
+    parts = ([f"{', '.join(dict.fromkeys(unused))}: Hydra's settings (launcher, sweeper, folders) are for normbench "
+              f"sweep, and normbench {command} ignores them"] if unused else []) + (
+        [f"normbench {command} takes one config from the preset, without expanding its sweep (hydra.sweeper); "
+         "normbench sweep runs the whole preset"] if preset else [])
+    return "; ".join(parts)
+
+
 @contextmanager
 def user_errors():
     """A user error is one red line and exit code 2; NORMBENCH_DEBUG=1 shows the traceback instead."""

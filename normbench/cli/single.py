@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from normbench.cli.common import ConfigDir, Overrides, Plugins, app, load_plugins, user_errors
+from normbench.cli.common import ConfigDir, Overrides, Plugins, app, load_plugins, one_config_note, user_errors
 from normbench.display import console
 from normbench.errors import UserError
 
@@ -31,9 +31,11 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
     load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
+        note(one_config_note(overrides, "run"))
         note(threads.over_cores_note([cfg.threads]))
         with EpochProgress(cfg.epochs, cfg.batch_size) as progress:
             result = execute(cfg, progress, replace=force)
+    note(result.kept_aside)
     console.print(summary_table(result.summary))
     if not result.trained:
         console.print(f"already finished ({result.summary['status']}), not trained again; --force trains it "
@@ -45,13 +47,17 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
 def show_config(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
     """Print the composed config, with the run id it maps to."""
     import yaml
+    from rich.console import Console
     from rich.syntax import Syntax
+
+    from normbench.display import note
 
     from normbench.config import compose, run_id, to_dict
 
     load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
+    note(one_config_note(overrides, "config"), Console(stderr=True))  # stdout stays valid YAML
     text = f"# run_id: {run_id(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if console.is_terminal:
         console.print(Syntax(text, "yaml"))

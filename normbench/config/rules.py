@@ -120,7 +120,7 @@ RULES: dict[type, dict[str, Must]] = {
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express, each with one clear line."""
-    _check_name(cfg.name)
+    check_name(cfg.name)
     _check_values(cfg, "")
     _check_kinds(cfg)
     _check_batch_classes(cfg)
@@ -161,7 +161,7 @@ def _check_norm_batch(cfg: Config) -> None:
                         "channel's statistics over the sub-batch alone, and one value has no variance")
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     """The experiment name becomes a folder: the same rule as results.experiment_dir's."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"name {_shown(repr(name))} must be letters, digits, '.', '_' or '-', starting with a letter "

@@ -88,6 +88,8 @@ def inside(root: Path, path: Path) -> Path:
     """`path` with symlinks resolved, refused unless it stays inside `root` (already resolved)."""
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
+        if Path(os.path.abspath(path)) == resolved:  # no symlink on the way: the path itself is elsewhere
+            raise UserError(f"{path} is outside results_dir {root}; normbench writes only inside results_dir")
         raise UserError(f"{path} leads to {resolved}, outside results_dir {root}; "
                         "normbench writes only inside results_dir (remove the symlink)")
     return resolved

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from normbench.config import Config, dict_hash, legacy_run_id, run_id, to_dict
-from normbench.errors import UserError
+from normbench.errors import ResultsError, UserError
 from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, remove_stale_temp_files
 from normbench.results.locks import Busy, is_locked, run_lock
 
@@ -70,6 +70,10 @@ def adopt_legacy(cfg: Config, folder: Path, holding_lock: bool = False) -> bool:
         return folder.exists()
     except OSError:  # the new folder appeared meanwhile (not empty): keep the old one where it is
         return False
+    try:  # its summary names the run by its old id: now it is this folder's
+        write_summary(folder, {**old[1], "run_id": folder.name})
+    except ResultsError:
+        pass  # then it reads as another run's, and is kept aside and trained again: nothing is lost
     return True
 
 
@@ -218,6 +222,34 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
     return None
 
 
+DAMAGED = re.compile(r"^\.(.+)\.damaged-\d+$")  # .<run_id>.damaged-N: a damaged result kept aside
+
+
+def damaged_result(folder: Path) -> str | None:
+    """Why the summary.json in `folder` cannot be trusted (unreadable, or refused by `summary_problem`), or
+    None: no summary there (a new run, or one that never wrote one), or a sound one."""
+    try:
+        if not (folder / "summary.json").exists():
+            return None
+    except OSError:
+        return None
+    summary = read_summary(folder)
+    return "no readable summary.json" if summary is None else summary_problem(summary, folder)
+
+
+def keep_damaged_aside(folder: Path) -> Path:
+    """Move a run folder whose result cannot be trusted out of the way, never deleting it: to
+    ``.<run_id>.damaged-N`` beside it, which nothing reads as a result (and `scan` warns about)."""
+    n = 1
+    while (aside := folder.with_name(f".{folder.name}.damaged-{n}")).exists():
+        n += 1
+    try:
+        folder.rename(aside)
+    except OSError as e:
+        raise ResultsError(f"could not move the damaged {folder} aside: {e.strerror or e}") from e
+    return aside
+
+
 def clean_finished(folder: Path, summary: dict) -> None:
     """Remove what a kill left beside a finished result: temp files, and a checkpoint the run did not keep.
 
@@ -246,6 +278,10 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
         return []
     folders = []
     for p in entries:
+        if DAMAGED.match(p.name):
+            warnings.append(f"{p}: the damaged result of run {DAMAGED.match(p.name).group(1)}, kept aside when "
+                            "the run was trained again; remove it once you no longer need it")
+            continue
         try:
             if p.is_dir() and not p.name.startswith("."):
                 folders.append(p)

@@ -28,25 +28,29 @@ def read_sweeps(experiment: Path, warnings: list[str] | None = None) -> list[dic
     return good
 
 
-def record_sweep(experiment: Path, entry: dict) -> None:
+def record_sweep(experiment: Path, entry: dict) -> str | None:
     """Append one sweep invocation (command, timing, counts) to <experiment>/sweeps.json.
 
-    A file that cannot be read back is kept aside (``sweeps.json.damaged-N``), never silently replaced.
+    A file that cannot be read back is kept aside (``sweeps.json.damaged-N``), never silently replaced:
+    the warning that says so is returned.
     """
     with report_lock(experiment):  # two sweeps finishing together: both entries are kept
-        _append_sweep(experiment, entry)
+        return _append_sweep(experiment, entry)
 
 
-def _append_sweep(experiment: Path, entry: dict) -> None:
+def _append_sweep(experiment: Path, entry: dict) -> str | None:
     path = experiment / "sweeps.json"
     warnings: list[str] = []
     earlier = read_sweeps(experiment, warnings)
+    kept = None
     if warnings and path.exists():
         n = 1
-        while path.with_name(f"sweeps.json.damaged-{n}").exists():
+        while (aside := path.with_name(f"sweeps.json.damaged-{n}")).exists():
             n += 1
         try:
-            path.rename(path.with_name(f"sweeps.json.damaged-{n}"))
+            path.rename(aside)
         except OSError as e:
             raise ResultsError(f"could not keep the damaged {path} aside: {e.strerror or e}") from e
+        kept = f"{warnings[0]}; kept aside as {aside.name}, and a new sweeps.json started"
     atomic_write(path, json.dumps(earlier + [entry], indent=2) + "\n")
+    return kept

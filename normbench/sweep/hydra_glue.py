@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from normbench import results
 from normbench.config import CONFIG_MODULE, clean_hydra_error, search_path_overrides
+from normbench.config.rules import check_name
 from normbench.errors import UserError
 
 HYDRA_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError)
@@ -88,12 +89,16 @@ def check_bookkeeping(primary) -> None:
     """Hydra's own folders (used by other launchers) stay inside results_dir, like every result."""
     try:
         root = Path(primary.results_dir).expanduser().resolve()
+        check_name(str(primary.name))  # (a name like ../x would otherwise be reported as a hydra dir outside)
+        results.inside(root, root / primary.name)  # the experiment folder next: a symlink there is the cause
         for key in ("sweep", "run"):
             where = primary.hydra[key].dir
             if where is not None:
-                results.inside(root, Path(where).expanduser())
-    except UserError as e:
-        raise UserError(f"hydra.sweep.dir / hydra.run.dir must stay inside results_dir: {e}") from None
+                try:
+                    results.inside(root, Path(where).expanduser())
+                except UserError as e:
+                    raise UserError(f"hydra.{key}.dir ({where}): Hydra's own folders must stay inside results_dir "
+                                    f"too: {e}") from None
     except OmegaConfBaseException as e:
         raise UserError(clean_hydra_error(e)) from e
 
