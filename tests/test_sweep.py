@@ -24,7 +24,7 @@ from normbench.cli import app
 from normbench.config import compose, run_id
 from normbench.errors import UserError
 
-from conftest import write_idx_dataset
+from conftest import one_error_line, write_idx_dataset
 
 TINY = ["data=synthetic", "data.num_train=64", "data.num_test=32", "model=mlp", "model.width=16", "epochs=1",
         "eval.precise_bn_samples=64", "device=cpu"]
@@ -463,6 +463,14 @@ def test_dry_run_with_an_invalid_combination_exits_1(tmp_path, trained):
     assert "(1) 1 run: norm 'in' (instance norm) is undefined on flat features" in result.output
     assert "2 runs: 1 to train, 0 already done, 0 failed, 1 invalid" in result.output
     assert trained == [] and run_folders(tmp_path / "default") == []
+
+
+def test_a_sweep_of_only_invalid_jobs_is_one_user_error_and_writes_nothing(tmp_path, trained):
+    result = CliRunner().invoke(app, ["sweep", *tiny(tmp_path, "norm=in,frn", "seed=0,1")])
+    line = one_error_line(result, "every job is invalid (4); 2 jobs (", "norm 'in' (instance norm) is undefined",
+                          "; 1 other reason: the same command with --dry-run lists each")
+    assert "frn" not in line.split(": norm 'in'")[1]  # the other reason is counted, not printed
+    assert trained == [] and (not tmp_path.exists() or not any(tmp_path.iterdir()))
 
 
 def test_dry_run_names_each_cause_of_invalid_jobs_once(tmp_path, trained):

@@ -93,6 +93,20 @@ def print_failures(failures: list[tuple[str, str]]) -> None:
         console.print(f"  {escape(who)}: {escape(why)}", soft_wrap=True)
 
 
+def all_invalid(planned: list) -> UserError | None:
+    """When no job of a plan is valid: one user error with the first reason (nothing was trained or written)."""
+    if not planned or any(p.state != "invalid" for p in planned):
+        return None
+    reasons: dict[str, list[str]] = {}
+    for p in planned:
+        reasons.setdefault(str(p.error), []).append(p.label)
+    why, labels = next(iter(reasons.items()))
+    others = len(reasons) - 1
+    return UserError(f"every job is invalid ({len(planned)}); " + (f"{len(labels)} jobs ({labels[0]}, ...)" if len(labels) > 1
+                     else labels[0]) + f": {why}" + (f"; {others} other reason{'s' if others > 1 else ''}: "
+                                                       "the same command with --dry-run lists each" if others else ""))
+
+
 _ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
           "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2", "−": "-", "‖": "||",
           "′": "'"}

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from normbench.cli.common import (ConfigDir, Overrides, Plugins, app, load_plugins, print_failures,
+from normbench.cli.common import (ConfigDir, Overrides, Plugins, all_invalid, app, load_plugins, print_failures,
                                   user_errors)
 from normbench.display import console, duration, note
 from normbench.errors import UserError
@@ -109,6 +109,8 @@ def sweep(
 
         with SweepDisplay() as display:
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
+        if (nothing := all_invalid(outcome.planned)) is not None:
+            raise nothing
         command = "normbench sweep " + "".join(f"--plugin {p} " for p in plugin or []) + " ".join(overrides or []) \
             + (f" --jobs {jobs}" if jobs > 1 else "")
         try:
