@@ -168,7 +168,9 @@ def test_unknown_group_option_lists_valid_ones(results_dir):
     line = assert_user_error(run_bad(results_dir, "norm=xx"), "unknown norm 'xx'; valid: ")
     packaged = {e.name[:-5] for e in (resources.files("normbench.conf") / "norm").iterdir()
                 if e.name.endswith(".yaml")}
-    listed = line.split("valid: ")[1].split(", ")
+    listed, hint = line.split("valid: ")[1].split("; ")
+    listed = listed.split(", ")
+    assert hint == "a norm from a plugin needs --plugin"
     assert set(listed) == packaged and set(NORMS.names()) <= packaged
     assert "schema" not in line
 

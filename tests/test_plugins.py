@@ -254,3 +254,15 @@ def test_an_installed_entry_point_is_loaded_without_naming_it(tmp_path):
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "# run_id: mlp-scale-b64" in out.stdout and "scaleplug 1.0 sha256:" in out.stdout
+
+
+def test_a_yaml_variant_of_a_plugin_norm_without_the_plugin_says_to_load_it():
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    examples = Path(__file__).parent.parent / "examples"
+    result = CliRunner().invoke(app, ["config", "--config-dir", str(examples), "norm=loo_bn_slow", "model=cnn"])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: norm/loo_bn_slow builds on norm 'loo_bn', which is not known here; a norm from a plugin needs --plugin")
+    assert "Config search path" not in result.output

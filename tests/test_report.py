@@ -190,6 +190,12 @@ def test_report_command_on_a_folder_without_runs(tmp_path):
     (tmp_path / "a_file").write_text("x")
     not_folder = CliRunner().invoke(app, ["report", str(tmp_path / "a_file")])
     assert not_folder.exit_code == 2 and "is not a folder" in not_folder.output
+    run = tmp_path / "exp" / "mlp-bn-b8-s0-abc"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    one_run = CliRunner().invoke(app, ["report", str(run)])
+    assert one_run.exit_code == 2 and f"is one run's folder; report reads the experiment folder that holds the " \
+        f"runs: normbench report {run.parent}" in " ".join(one_run.output.split())
 
 
 # ---- malformed run folders -------------------------------------------------------------------------------

@@ -463,3 +463,8 @@ def test_a_symlinked_run_folder_is_read_and_never_written_through(results_dir, t
     assert result.exit_code == 0, result.output
     assert "is a symlink to" in result.output and "nothing is written there" in result.output
     assert (outside / results.CHECKPOINT).read_bytes() == b"left by a kill"
+    misnamed = folder.with_name(folder.name.replace("-s0-", "-s9-"))  # a symlink whose run is another's
+    folder.rename(misnamed)
+    alone = invoke("report", str(folder.parent))
+    assert alone.exit_code == 2 and "(1 skipped; the first: skipped" in alone.output, alone.output
+    assert "belongs to run" in alone.output and "its run is read" not in alone.output

@@ -80,7 +80,7 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what is done; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Train failed and diverged runs again.")] = False,
 ) -> None:
-    """Run a sweep (Hydra syntax: norm=bn,ln,gn batch_size=2,4,8 seed=range(3)), then build its report.
+    """Run a sweep (Hydra syntax: norm=bn,ln,gn batch_size=2,4,8 'seed=range(3)', quoted for the shell), then build its report.
 
     Finished runs are skipped, so running the same command again resumes an interrupted sweep.
     """
@@ -157,6 +157,9 @@ def make_report(
         if not folder.is_dir():
             raise UserError(f"no folder at {folder}" if not folder.exists() else f"{folder} is not a folder")
         experiments = [folder] if _has_runs(folder) else sorted(p for p in folder.glob("*") if _has_runs(p))
+        if not experiments and (folder / "summary.json").exists():
+            raise UserError(f"{folder} is one run's folder; report reads the experiment folder that holds the runs: "
+                            f"normbench report {folder.parent}")
         if not experiments:
             raise UserError(f"no run folders under {folder}")
         for experiment in experiments:

@@ -12,6 +12,9 @@ from omegaconf.errors import ConfigAttributeError
 from normbench.config.schemas import SCHEMA_PREFIX, SCHEMAS, Config, EvalConfig, PerfConfig
 
 
+PLUGIN_GROUPS = ("norm", "model", "data")  # the groups plugins add choices to
+
+
 def _shown(text: str, limit: int = 60) -> str:
     """`text` on one short line: control characters escaped, the middle of a long text cut."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -73,7 +76,15 @@ def clean_hydra_error(e: Exception) -> str:
         options = text.split("Available options", 1)[1].split("Config search path")[0].splitlines()[1:]
         valid = ", ".join(o.strip() for o in options if o.strip() and not o.strip().startswith(SCHEMA_PREFIX))
         group, choice = missing.groups()
-        return f"unknown {group} '{_shown(choice)}'; valid: {valid}" if choice else f"{group}= needs a value; valid: {valid}"
+        hint = f"; a {group} from a plugin needs --plugin" if group in PLUGIN_GROUPS else ""
+        return (f"unknown {group} '{_shown(choice)}'; valid: {valid}{hint}" if choice
+                else f"{group}= needs a value; valid: {valid}")
+    builds_on = re.search(r"In '([^']+)': Could not load '([^/']+)/([^']+)'", text)
+    if builds_on:  # a user's YAML variant of a choice that is not there (a plugin's, say, without --plugin)
+        where, group, choice = builds_on.groups()
+        hint = f"; a {group} from a plugin needs --plugin" if group in PLUGIN_GROUPS else ""
+        return (f"{where} builds on {group} '{_shown(choice)}', which is not known here{hint} "
+                f"(normbench list shows the known ones)")
     full_key = re.search(r"full_key: (\S+)", text)
     first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__
     if isinstance(cause, ConfigAttributeError) and full_key:

@@ -285,8 +285,6 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
         try:
             if p.is_dir() and not p.name.startswith("."):
                 folders.append(p)
-                if p.is_symlink():
-                    warnings.append(f"{p} is a symlink to {p.resolve()}: its run is read, and nothing is written there")
         except OSError:
             warnings.append(f"skipped {p}: cannot read it")
     return folders
@@ -331,6 +329,12 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
             continue
         clean_finished(folder, summary)
         summaries.append(summary)
+        try:
+            if folder.is_symlink():  # read (a skipped one's warning already names it), never written through
+                warnings.append(f"{folder} is a symlink to {folder.resolve()}: its run is read, and nothing is "
+                                "written there")
+        except OSError:
+            pass
         curves[summary["run_id"]] = metrics
     return summaries, curves, warnings
 
