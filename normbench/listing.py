@@ -22,7 +22,7 @@ def description(text: str, preset: bool) -> str:
     if preset:
         runs = _preset_runs(text)
         time = _time_line(comments)
-        words += f" [{runs} runs" if runs else " ["
+        words += f" [{runs} run{'s' if runs != 1 else ''}" if runs else " ["
         words += (f"; {time}]" if time else "]") if runs or time else ""
         words = words.replace(" []", "")
     return words
@@ -84,7 +84,8 @@ def choices(group: str, config_dir: Path | None) -> dict[str, tuple[str, bool]]:
                     text = entry.read_text()
                 except (OSError, UnicodeDecodeError) as e:
                     text = f"# (cannot read it: {e})"
-                found[entry.name[:-5]] = (description(text, group == "experiment"), yours)
+                refused = _refusal(Path(config_dir), Path(entry)) if yours else None
+                found[entry.name[:-5]] = (refused or description(text, group == "experiment"), yours)
     from normbench.plugins import ENTRIES
 
     for (kind, name), e in sorted(ENTRIES.items()):
@@ -92,6 +93,18 @@ def choices(group: str, config_dir: Path | None) -> dict[str, tuple[str, bool]]:
             keys = [k for k in e.schema.__dataclass_fields__ if k != "name"]
             found[name] = (f"{e.description} (plugin {e.provenance.plugin}; keys: {', '.join(keys)})".strip(), False)
     return found
+
+
+def _refusal(root: Path, path: Path) -> str | None:
+    """Why every command refuses the user's config folder because of this file, or None."""
+    from normbench.config.safety import check_config_file  # (Hydra's parser: only with a config folder)
+    from normbench.errors import UserError
+
+    try:
+        check_config_file(root, path)
+    except UserError as e:
+        return f"UNUSABLE, and every command with this --config-dir refuses it: {e}"
+    return None
 
 
 def groups() -> list[str]:

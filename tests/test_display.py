@@ -139,6 +139,21 @@ def test_list_shows_whole_descriptions_run_counts_and_your_options(tmp_path):
     assert " ".join(last_words) in result.output  # the whole paragraph, not its first line
 
 
+def test_list_says_which_of_your_files_make_every_command_refuse_your_config_folder(tmp_path):
+    configs = tmp_path / "configs"
+    for group, name, text in [("norm", "broken", "defaults:\n  - bn\nmomentum: [\n"),
+                              ("model", "evil", "defaults:\n  - mlp\n  - _self_\n_target_: os.system\n"),
+                              ("experiment", "mine", "# @package _global_\n# My one config.\nepochs: 3\n")]:
+        (configs / group).mkdir(parents=True, exist_ok=True)
+        (configs / group / f"{name}.yaml").write_text(text)
+    result = CliRunner().invoke(app, ["list", "--config-dir", str(configs)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    lines = {ln.split()[0]: ln for ln in result.output.splitlines() if ln.strip()}
+    assert "UNUSABLE" in lines["broken"] and "YAML syntax error" in lines["broken"]
+    assert "UNUSABLE" in lines["evil"] and "_target_ is refused" in lines["evil"]
+    assert "My one config. [1 run]" in lines["mine"]
+
+
 def test_dry_run_gives_the_estimated_training_time(results_dir):
     result = CliRunner().invoke(app, ["sweep", "--dry-run", *tiny_run_overrides(results_dir), "seed=0,1"],
                                 env={"COLUMNS": "300"})

@@ -118,23 +118,28 @@ def check_config_dir(root: Path) -> None:
     folder); a `hydra` key at any depth counts as Hydra's own, since a defaults list can move a config.
     """
     for path in _user_yaml_files(root):
-        try:
-            text = path.read_text()
-            with path.open() as stream:  # named, so a syntax error says which file
-                content = yaml.safe_load(stream)
-        except yaml.YAMLError as e:
-            raise UserError(clean_hydra_error(e)) from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from e
-        group = list(path.relative_to(root).parent.parts)
-        header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
-        package = _names(header.group(1).replace("_group_", ".".join(group))) if header else group
-        package = [n for n in package if n != "_global_"]
-        _check_value(str(path), _names(str(path.relative_to(root))[: -len(".yaml")]), {})  # where it is
-        if isinstance(content, dict) and isinstance(content.get("defaults"), list):
-            _check_defaults(str(path), content["defaults"])
-            content = {k: v for k, v in content.items() if k != "defaults"}
-        _check_value(str(path), package, content)
+        check_config_file(root, path)
+
+
+def check_config_file(root: Path, path: Path) -> None:
+    """`check_config_dir` for one YAML file under `root`."""
+    try:
+        text = path.read_text()
+        with path.open() as stream:  # named, so a syntax error says which file
+            content = yaml.safe_load(stream)
+    except yaml.YAMLError as e:
+        raise UserError(clean_hydra_error(e)) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from e
+    group = list(path.relative_to(root).parent.parts)
+    header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
+    package = _names(header.group(1).replace("_group_", ".".join(group))) if header else group
+    package = [n for n in package if n != "_global_"]
+    _check_value(str(path), _names(str(path.relative_to(root))[: -len(".yaml")]), {})  # where it is
+    if isinstance(content, dict) and isinstance(content.get("defaults"), list):
+        _check_defaults(str(path), content["defaults"])
+        content = {k: v for k, v in content.items() if k != "defaults"}
+    _check_value(str(path), package, content)
 
 
 def _check_defaults(where: str, entries: list) -> None:
