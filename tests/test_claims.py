@@ -175,6 +175,8 @@ def test_claims_user_errors_are_one_line(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error:") and result.output.count("\n") == 1, result.output
+    scale = CliRunner().invoke(app, ["claims", "--scale", "huge", f"results_dir={tmp_path}"])
+    assert scale.output == "error: --scale must be one of small, paper, got 'huge'\n"  # no claim's name before it
 
 
 def test_probe_metrics_reach_the_judge(tmp_path):

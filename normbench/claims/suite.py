@@ -24,10 +24,14 @@ from normbench.errors import UserError
 SCALES = ("small", "paper")
 
 
-def claim_overrides(claim: Claim, scale: str, overrides: list[str]) -> list[str]:
-    """The sweep overrides of one claim: its preset, the paper-scale changes, then the user's."""
+def check_scale(scale: str) -> None:
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+
+
+def claim_overrides(claim: Claim, scale: str, overrides: list[str]) -> list[str]:
+    """The sweep overrides of one claim: its preset, the paper-scale changes, then the user's."""
+    check_scale(scale)
     paper = [*claim.paper, "name=claims_paper"] if scale == "paper" else []
     return [f"experiment={claim.preset}", *paper, *overrides]
 

@@ -50,6 +50,7 @@ def claims(
     from normbench.display import note, planning_count
 
     with user_errors():
+        suite.check_scale(scale)  # before any claim, whose name would prefix the error
         chosen = select(names)
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)

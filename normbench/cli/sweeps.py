@@ -63,12 +63,19 @@ def _print_duplicates(planned) -> None:
 def _counts(planned, retry_failed: bool) -> str:
     from normbench.sweep import to_train
 
-    states = [p.state for p in planned]
-    todo = len(to_train(planned, retry_failed))
-    done, repeats = states.count("completed") + states.count("diverged"), states.count("duplicate")
+    from normbench.sweep.planning import RETRIED
+
+    todo = to_train(planned, retry_failed)
+    training = {id(t) for t in todo}
+    states = [p.state for p in planned if id(p) not in training]  # each job counted once
+    diverged = states.count("diverged")
+    done, repeats = states.count("completed") + diverged, states.count("duplicate")
     runs = f"{len(planned)} run{'' if len(planned) == 1 else 's'}"
-    return (f"{runs}: {todo} to train, {done} already done, {states.count('failed')} failed, "
-            f"{states.count('invalid')} invalid" + (f", {repeats} the same run as an earlier job" if repeats else ""))
+    retried = sum(p.state in RETRIED for p in todo) if retry_failed else 0
+    return (f"{runs}: {len(todo)} to train" + (f" ({retried} failed or diverged, again)" if retried else "")
+            + f", {done} already done" + (f" ({diverged} diverged)" if diverged else "")
+            + f", {states.count('failed')} failed, {states.count('invalid')} invalid"
+            + (f", {repeats} the same run as an earlier job" if repeats else ""))
 
 
 @app.command()
