@@ -468,3 +468,14 @@ def test_a_symlinked_run_folder_is_read_and_never_written_through(results_dir, t
     alone = invoke("report", str(folder.parent))
     assert alone.exit_code == 2 and "(1 skipped; the first: skipped" in alone.output, alone.output
     assert "belongs to run" in alone.output and "its run is read" not in alone.output
+
+
+def test_keeping_a_damaged_folder_aside_never_replaces_anything(tmp_path):
+    folder = tmp_path / "mlp-bn-b8-s0-abc"
+    folder.mkdir()
+    (folder / "summary.json").write_text("{")
+    (tmp_path / ".mlp-bn-b8-s0-abc.damaged-1").symlink_to(tmp_path / "gone")  # a dangling link in the way
+    (tmp_path / ".mlp-bn-b8-s0-abc.damaged-2").write_text("a file in the way")
+    aside = results.keep_damaged_aside(folder)
+    assert aside.name == ".mlp-bn-b8-s0-abc.damaged-3" and (aside / "summary.json").read_text() == "{"
+    assert (tmp_path / ".mlp-bn-b8-s0-abc.damaged-2").read_text() == "a file in the way" and not folder.exists()

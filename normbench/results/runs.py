@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -241,7 +242,7 @@ def keep_damaged_aside(folder: Path) -> Path:
     """Move a run folder whose result cannot be trusted out of the way, never deleting it: to
     ``.<run_id>.damaged-N`` beside it, which nothing reads as a result (and `scan` warns about)."""
     n = 1
-    while (aside := folder.with_name(f".{folder.name}.damaged-{n}")).exists():
+    while os.path.lexists(aside := folder.with_name(f".{folder.name}.damaged-{n}")):  # (a dangling link too)
         n += 1
     try:
         folder.rename(aside)
