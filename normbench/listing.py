@@ -79,7 +79,7 @@ def choices(group: str, config_dir: Path | None) -> dict[str, tuple[str, bool]]:
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-            if entry.name.endswith(".yaml"):
+            if entry.name.endswith(".yaml") and entry.is_file():  # (a folder named x.yaml is no choice)
                 try:
                     text = entry.read_text()
                 except (OSError, UnicodeDecodeError) as e:

@@ -163,7 +163,7 @@ class SweepDisplay(EpochProgress):
             self.overall = self.bar.add_task("sweep", total=self.total, info="")
             self.bar.update(self.overall, completed=len(self.reported))
         else:
-            self.out.print(f"sweep: {self.total} runs, {len(self.reported)} already done")
+            self.out.print(f"sweep: {self.total} run{'' if self.total == 1 else 's'}, {len(self.reported)} already done")
 
     @staticmethod
     def _rid(p) -> str:

@@ -260,7 +260,8 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
             return RunResult(folder, done, trained=False)
         kept = None
         if done is None and (why := results.damaged_result(folder)):  # not a result: trained again, kept
-            kept = f"{folder}'s result could not be trusted ({why}): kept aside as {results.keep_damaged_aside(folder)}"
+            kept = (f"{folder}: its summary.json cannot be trusted ({why}); the folder is kept aside as "
+                    f"{results.keep_damaged_aside(folder)}, and the run trains afresh")
         target = _aside(folder, "attempt") if done is not None else folder
         summary = _train(cfg, target, data, model, device, progress)
         if target != folder:
@@ -271,6 +272,8 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
 def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torch.device,
            progress: Progress | None) -> dict:
     """Train into `folder` (resuming its checkpoint, if usable) and return the finished summary."""
+    if cfg.tensorboard:  # TensorBoard writes into its folder itself: it must not lead out of results_dir
+        results.inside(results.results_root(cfg), folder / tracking.FOLDER)
     params = count_parameters(model)
     resume = _resume_state(folder, cfg, model)
     results.remove_stale_temp_files(folder)  # a killed run may have left one mid-write

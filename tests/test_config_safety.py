@@ -367,6 +367,8 @@ ODD = [
     ("~norm", "norm has no value (set to ??? or deleted with ~); set it: norm=VALUE"),
     ("norm=???", "norm= needs a value; valid: bn, bn_shared"),
     ("~model.width", "cannot delete 'model.width': the settings inside model cannot be removed; set it instead"),
+    ("seed=1,2", "seed=1,2: a list of values is a sweep, and this command takes one config: normbench sweep seed=1,2"),
+    ("hydra/launcher=nope", "unknown hydra/launcher 'nope'; valid: basic, slurm"),
     ("name=" + "ñ" * 5000, "cannot parse override 'name=ññññ"),
     ("data.root=" + "x" * 5000 + "[", "cannot parse override 'data.root=xxx"),
 ]

@@ -168,6 +168,9 @@ def test_dry_run_says_what_jobs_would_do_and_refuses_what_the_sweep_refuses(resu
     assert "too little to pay for starting 1 more worker process" in result.output
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300", "NORMBENCH_WORKER_START_SECONDS": "soon"})
     assert result.exit_code == 2 and "NORMBENCH_WORKER_START_SECONDS must be a number" in result.output
+    assert result.output.count("\n") == 1  # refused before planning, as the sweep itself does
+    empty = CliRunner().invoke(app, args, env={"COLUMNS": "300", "NORMBENCH_WORKER_START_SECONDS": ""})
+    assert empty.exit_code == 0 and "about 6 s each" in empty.output  # empty: unset
     result = CliRunner().invoke(app, [*args, "hydra/launcher=slurm"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "--jobs runs processes on this machine" in result.output
     assert "runs:" not in result.output  # refused before planning

@@ -245,6 +245,7 @@ def test_a_damaged_summary_never_crashes_and_never_blocks_the_run(results_dir, c
     (lambda s: s["config"].update(epochs=99), "does not match its config_hash"),
     (lambda s: s.update(wall_seconds="slow"), "malformed 'wall_seconds'"),
     (lambda s: s.update(shifts={"contrast:0.5": "x"}), "malformed 'shifts'"),
+    (lambda s: s.update(status="Completed"), "unknown status 'Completed'"),
 ])
 def test_a_hand_edited_summary_is_skipped_with_a_warning_and_trained_again_beside_it(results_dir, edit, why):
     overrides, folder = finished(results_dir)
@@ -257,11 +258,12 @@ def test_a_hand_edited_summary_is_skipped_with_a_warning_and_trained_again_besid
     assert result.exit_code == 0, result.output
     assert f"warning: skipped {folder}: " in result.output and why in result.output
     dry = invoke("sweep", *overrides, "--dry-run")
-    assert dry.exit_code == 0 and "1 to train" in dry.output, dry.output
+    assert dry.exit_code == 0 and "1 to train" in dry.output and "damaged" in dry.output, dry.output
     again = invoke("run", *overrides)  # (a malformed 'final' was shown as finished, and crashed the table)
     assert again.exit_code == 0 and "Traceback" not in again.output, again.output
     aside = folder.with_name(f".{folder.name}.damaged-1")
-    assert "could not be trusted" in again.output and why in " ".join(again.output.split())
+    said = " ".join(again.output.split())
+    assert "its summary.json cannot be trusted" in said and why in said and "the run trains afresh" in said
     assert (aside / "summary.json").read_text() == damaged  # nothing lost
     assert results.summary_problem(results.read_summary(folder), folder) is None
     summaries, _, warnings = results.scan(folder.parent)
@@ -479,3 +481,18 @@ def test_keeping_a_damaged_folder_aside_never_replaces_anything(tmp_path):
     aside = results.keep_damaged_aside(folder)
     assert aside.name == ".mlp-bn-b8-s0-abc.damaged-3" and (aside / "summary.json").read_text() == "{"
     assert (tmp_path / ".mlp-bn-b8-s0-abc.damaged-2").read_text() == "a file in the way" and not folder.exists()
+
+
+def test_sweep_progress_never_shows_an_old_or_a_damaged_result_as_the_outcome(results_dir):
+    from normbench.sweep.watching import FolderWatcher
+
+    overrides, folder = finished(results_dir)
+    planned = sweep.plan(overrides)
+    planned[0].state = "diverged"  # as if it had diverged: --retry-failed trains it again
+    watcher = FolderWatcher(planned, lambda *changed: None, retry_failed=True)
+    assert watcher.poll() == {folder.name: None}  # the old result is still there, not yet replaced
+    summary = results.read_summary(folder)
+    results.write_summary(folder, {**summary, "wall_seconds": 1.5})  # the new attempt took its place
+    assert watcher.poll()[folder.name]["wall_seconds"] == 1.5
+    results.write_summary(folder, {**summary, "final": "x"})
+    assert FolderWatcher(planned, lambda *changed: None).poll() == {folder.name: None}  # damaged: not a result

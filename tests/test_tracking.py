@@ -66,3 +66,18 @@ def test_without_the_extra_it_is_one_line_before_training(results_dir, monkeypat
     assert result.exit_code == 2
     one_error_line(result, "normbench[tensorboard]")
     assert not results_dir.exists() or not any(results_dir.rglob("summary.json"))
+
+
+def test_a_tensorboard_folder_that_leads_out_of_results_dir_is_never_written_through(results_dir, tmp_path):
+    cfg = compose(tiny_run_overrides(results_dir, "mlp", "ln", epochs=2, tensorboard="true"))
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(cfg, KilledBeforeItsEvents())  # interrupted: resumed below
+    folder = results.run_dir(cfg)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (folder / "tensorboard").rename(tmp_path / "kept")
+    (folder / "tensorboard").symlink_to(outside, target_is_directory=True)
+    result = CliRunner().invoke(app, ["run", *tiny_run_overrides(results_dir, "mlp", "ln", epochs=2,
+                                                                 tensorboard="true")])
+    one_error_line(result, "tensorboard leads to", "outside results_dir")
+    assert list(outside.iterdir()) == []

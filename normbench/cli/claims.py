@@ -57,6 +57,7 @@ def claims(
         if dry_run:
             if jobs > 1:  # (the launcher matters only then)
                 sweeps.check_jobs(jobs, suite.launcher_of(chosen, scale, overrides, config_dir))
+            sweeps.worker_start_seconds()  # training reads it with or without --jobs
             with planning_count() as planned_one:
                 outcome = suite.plan(chosen, scale, overrides, config_dir, dry_run=True, shown=planned_one)
             _print_claims_plan(outcome, retry_failed)
@@ -69,7 +70,7 @@ def claims(
             outcome = suite.run(chosen, scale, overrides, config_dir, jobs, retry_failed, display)
         judgements = suite.judge_all(chosen, outcome)
         for warning in outcome.warnings:
-            console.print(f"[yellow]warning:[/yellow] {escape(warning)}, left out", soft_wrap=True)
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
         command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
                             *([f"--jobs {jobs}"] if jobs > 1 else [])])
         done = (f"this invocation trained {outcome.trained} runs ({outcome.already_done} already finished) in "

@@ -99,8 +99,10 @@ def sweep(
         jobs, capped = sweeps.capped_jobs(jobs)
         note(capped)
         if dry_run:
-            if jobs > 1:  # (the launcher matters only then)
-                sweeps.check_jobs(jobs, sweeps.configured_launcher(overrides or [], config_dir))
+            launcher = sweeps.configured_launcher(overrides or [], config_dir)
+            sweeps.check_jobs(jobs, launcher)
+            if jobs > 1:
+                sweeps.worker_start_seconds()
             with planning_count() as planned_one:
                 planned = sweeps.plan(overrides or [], config_dir, planned_one, dry_run=True)
             _print_plan(planned)
@@ -110,6 +112,10 @@ def sweep(
                 console.print(f"estimated training time: about {duration(sweeps.estimated_seconds(todo))} sequentially "
                               f"on a 2-core CPU like ours ({sweeps.planning.ESTIMATE_NOTE})")
             note(sweeps.jobs_note(planned, jobs, retry_failed))
+            try:
+                sweeps.check_launcher(launcher)
+            except UserError as e:  # planning here and submitting from elsewhere is fine: a note
+                note(f"{e} (the sweep itself stops here)")
             raise typer.Exit(1 if any(p.state == "invalid" for p in planned) else 0)
         from normbench import report
         from normbench.progress import SweepDisplay

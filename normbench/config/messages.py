@@ -71,7 +71,12 @@ def clean_hydra_error(e: Exception) -> str:
     if isinstance(cause, OverrideParseException):
         which = re.search(r"Error parsing override '(.*)'", text)
         return f"cannot parse override '{_shown(which.group(1)) if which else '?'}': {_parse_problem('', text)}"
-    missing = re.search(r"Could not find '([^/']+)/([^']*)'", text) or re.search(r"You must specify '([^']+)'()", text)
+    ambiguous = re.search(r"Ambiguous value for argument '([^']*)'", text)
+    if ambiguous and "--multirun" in text:  # key=a,b where one config is composed: run, config, check
+        shown = _shown(ambiguous.group(1))
+        return (f"{shown}: a list of values is a sweep, and this command takes one config: normbench sweep {shown} "
+                "runs each (for a value that is a list, write key=[a,b]; for text with a comma, key='a,b')")
+    missing = re.search(r"Could not find '([^']+)/([^/']*)'", text) or re.search(r"You must specify '([^']+)'()", text)
     if missing and "Available options" in text:
         options = text.split("Available options", 1)[1].split("Config search path")[0].splitlines()[1:]
         valid = ", ".join(o.strip() for o in options if o.strip() and not o.strip().startswith(SCHEMA_PREFIX))

@@ -198,6 +198,8 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
         return "summary.json has no config"
     if summary["run_id"] != folder.name:
         return f"summary.json belongs to run {summary['run_id']}"
+    if summary["status"] not in (*FINISHED, "running"):
+        return f"summary.json has an unknown status {str(summary['status'])[:40]!r}"
     try:
         rehashed = dict_hash(summary["config"])
     except (AttributeError, TypeError, ValueError):
@@ -247,7 +249,7 @@ def keep_damaged_aside(folder: Path) -> Path:
     try:
         folder.rename(aside)
     except OSError as e:
-        raise ResultsError(f"could not move the damaged {folder} aside: {e.strerror or e}") from e
+        raise UserError(f"could not move the damaged {folder} aside: {e.strerror or e}") from e  # not trained
     return aside
 
 

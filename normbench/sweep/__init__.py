@@ -154,9 +154,10 @@ def _join(workers: Workers, retry_failed: bool) -> list[dict]:
 WORKER_START_SECONDS = 6.0
 
 
-def _worker_start_seconds() -> float:
+def worker_start_seconds() -> float:
+    """What starting one --jobs worker costs, in seconds: NORMBENCH_WORKER_START_SECONDS (unset or empty: ours)."""
     text = os.environ.get("NORMBENCH_WORKER_START_SECONDS")
-    if text is None:
+    if text is None or not text.strip():
         return WORKER_START_SECONDS
     try:
         value = float(text)
@@ -171,7 +172,7 @@ def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[
     """How many workers the planned training pays for: each extra worker must save more time (its share
     of the estimated training time) than it costs to start. With a note when that is fewer than asked."""
     todo = to_train(planned, retry_failed)
-    start = _worker_start_seconds()  # read first: a bad NORMBENCH_WORKER_START_SECONDS is an error either way
+    start = worker_start_seconds()  # read first: a bad NORMBENCH_WORKER_START_SECONDS is an error either way
     if not todo:
         return 1, None  # nothing to train: no worker to pay for, and nothing to say about it
     seconds = estimated_seconds(todo)
@@ -181,7 +182,7 @@ def paying_jobs(planned: list[Planned], jobs: int, retry_failed: bool) -> tuple[
     if n == jobs:
         return jobs, None
     how = "sequentially" if n == 1 else f"with --jobs {n}"
-    return n, (f"--jobs {jobs}: about {seconds:.0f} s of training is too little to pay for starting "
+    return n, (f"--jobs {jobs}: about {max(1, round(seconds))} s of training is too little to pay for starting "
                f"{jobs - n} more worker process{'es' if jobs - n > 1 else ''} (about {start:.0f} s "
                f"each), so it trains {how}")
 

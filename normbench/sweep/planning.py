@@ -67,7 +67,7 @@ def estimated_seconds(planned: list[Planned]) -> float:
 
 
 def should_train(state: str, retry_failed: bool) -> bool:
-    return state in ("new", "running", "busy") or (retry_failed and state in RETRIED)
+    return state in ("new", "running", "busy", "damaged") or (retry_failed and state in RETRIED)
 
 
 def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
@@ -76,7 +76,8 @@ def to_train(planned: list[Planned], retry_failed: bool) -> list[Planned]:
 
 
 def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[str, dict | None]:
-    """The run folder's state: 'new', 'running' (unfinished or interrupted), 'busy' (being trained by
+    """The run folder's state: 'new', 'running' (unfinished or interrupted), 'damaged' (its summary cannot be
+    trusted: it is kept aside and the run trained again), 'busy' (being trained by
     another process now) or its finished status, with the summary it was read from (None when there is
     none for this config). `rid`: the config's run id, when already known."""
     folder = results.run_dir(cfg, rid)
@@ -86,8 +87,11 @@ def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[
     legacy = None if clean else results.legacy_summary(cfg, folder)  # --dry-run: report it, move nothing
     summary = legacy[1] if legacy else results.read_summary(folder)
     if (summary is None or summary.get("config_hash") != config_hash(cfg)
-            or results.summary_problem(summary, legacy[0] if legacy else folder)):  # damaged: trained again
-        return ("busy" if results.is_locked(folder) else "new"), None
+            or results.summary_problem(summary, legacy[0] if legacy else folder)):
+        if results.is_locked(folder):
+            return "busy", None
+        # damaged: kept aside (runner.execute) and trained again
+        return ("damaged" if not legacy and results.damaged_result(folder) else "new"), None
     status = summary.get("status")
     if status in results.FINISHED:
         if clean:  # leftovers of a kill beside a finished result; not on --dry-run, which writes nothing
