@@ -36,6 +36,7 @@ class _Console(Console):
 
 
 console = _Console(highlight=False)
+stderr = _Console(highlight=False, stderr=True)  # errors, and notes where stdout must stay data (config's YAML)
 
 
 def note(text: str | None, out: Console = console) -> None:

@@ -335,11 +335,13 @@ def test_resume_ignores_a_folder_of_another_config(tmp_path, trained):
     summary = json.loads((folder / "summary.json").read_text())
     summary["config_hash"] = "0" * 12  # same folder name, different settings: not this run
     (folder / "summary.json").write_text(json.dumps(summary))
-    assert [p.state for p in sweep.plan(args)] == ["new"]
+    assert [p.state for p in sweep.plan(args)] == ["damaged"]  # not this run's result: trained again
     (folder / "summary.json").write_text("{ not json")
-    assert [p.state for p in sweep.plan(args)] == ["new"]
+    assert [p.state for p in sweep.plan(args)] == ["damaged"]
     trained.clear()
     assert sweep.run(args).trained == 1 and trained == [folder.name]
+    kept = folder.with_name(f".{folder.name}.damaged-1")
+    assert (kept / "summary.json").read_text() == "{ not json"  # kept aside, not trained over
 
 
 def test_interrupted_sweep_resumes_only_unfinished_runs(tmp_path, monkeypatch, trained):

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from normbench import __version__
-from normbench.display import console
+from normbench.display import console, stderr
 from normbench.errors import UserError
 
 # Commands import what they use when they run (the config package, torch, pandas), so that --version,
@@ -63,10 +63,10 @@ def user_errors():
     except UserError as e:
         if os.environ.get("NORMBENCH_DEBUG") == "1":
             raise
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        stderr.print("[yellow]interrupted[/yellow]")
         raise typer.Exit(130) from None
 
 

@@ -47,17 +47,16 @@ def run(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugi
 def show_config(overrides: Overrides = None, config_dir: ConfigDir = None, plugin: Plugins = None) -> None:
     """Print the composed config, with the run id it maps to."""
     import yaml
-    from rich.console import Console
     from rich.syntax import Syntax
 
-    from normbench.display import note
+    from normbench.display import note, stderr
 
     from normbench.config import compose, run_id, to_dict
 
     load_plugins(plugin)
     with user_errors():
         cfg = compose(overrides or [], config_dir)
-    note(one_config_note(overrides, "config"), Console(stderr=True))  # stdout stays valid YAML
+    note(one_config_note(overrides, "config"), stderr)  # stdout stays valid YAML
     text = f"# run_id: {run_id(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if console.is_terminal:
         console.print(Syntax(text, "yaml"))
