@@ -682,3 +682,14 @@ def test_dry_run_counts_planned_jobs_on_a_terminal_only():
         for _ in range(1000):
             planned_one()
     assert plain.file.getvalue() == ""  # off a terminal: no line per planned job
+
+
+def test_the_recorded_command_runs_the_sweep_again_as_typed(tmp_path):
+    import shlex
+
+    configs = Path(__file__).parent.parent / "configs"
+    args = [*tiny(tmp_path, "seed=range(2)"), "--config-dir", str(configs), "--retry-failed"]
+    assert CliRunner().invoke(app, ["sweep", *args]).exit_code == 0
+    recorded = json.loads((tmp_path / "default" / "sweeps.json").read_text())[-1]["command"]
+    words = shlex.split(recorded)  # 'seed=range(2)' quoted for the shell, every option kept
+    assert words[:2] == ["normbench", "sweep"] and sorted(words[2:]) == sorted(args)

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from normbench.cli.common import ConfigDir, Plugins, app, load_plugins, print_failures, user_errors
+from normbench.cli.common import ConfigDir, Plugins, app, command_line, load_plugins, print_failures, user_errors
 from normbench.display import console, duration
 
 
@@ -71,8 +71,8 @@ def claims(
         judgements = suite.judge_all(chosen, outcome)
         for warning in outcome.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
-        command = " ".join(["normbench claims", *names, *overrides, *(["--scale", scale] if scale != "small" else []),
-                            *([f"--jobs {jobs}"] if jobs > 1 else [])])
+        command = command_line("claims", [*names, *overrides, *(["--scale", scale] if scale != "small" else [])],
+                               plugin, config_dir, jobs, retry_failed)
         done = (f"this invocation trained {outcome.trained} runs ({outcome.already_done} already finished) in "
                 f"{outcome.seconds:.0f} s wall")
         path = writing.write(outcome.folder, judgements, scale, command, done)

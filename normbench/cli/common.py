@@ -41,6 +41,17 @@ def load_plugins(plugins: list[str] | None) -> None:
         load(plugins or [])
 
 
+def command_line(command: str, args: list[str], plugins: list[str] | None, config_dir: Path | None,
+                 jobs: int = 1, retry_failed: bool = False) -> str:
+    """The invocation as a shell command that runs it again (recorded in sweeps.json, report.md, claims.md)."""
+    import shlex
+
+    words = ["normbench", command, *(w for p in plugins or [] for w in ("--plugin", p)),
+             *(["--config-dir", str(config_dir)] if config_dir else []), *args,
+             *(["--jobs", str(jobs)] if jobs > 1 else []), *(["--retry-failed"] if retry_failed else [])]
+    return shlex.join(words)
+
+
 def one_config_note(overrides: list[str] | None, command: str) -> str | None:
     """For `run` and `config`, which compose one config: what in the overrides only a sweep uses."""
     keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides or []]

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from normbench.cli.common import (ConfigDir, Overrides, Plugins, all_invalid, app, load_plugins, print_failures,
-                                  user_errors)
+from normbench.cli.common import (ConfigDir, Overrides, Plugins, all_invalid, app, command_line, load_plugins,
+                                  print_failures, user_errors)
 from normbench.display import console, duration, note
 from normbench.errors import UserError
 
@@ -124,8 +124,7 @@ def sweep(
             outcome = sweeps.run(overrides or [], config_dir, jobs=jobs, retry_failed=retry_failed, display=display)
         if (nothing := all_invalid(outcome.planned)) is not None:
             raise nothing
-        command = "normbench sweep " + "".join(f"--plugin {p} " for p in plugin or []) + " ".join(overrides or []) \
-            + (f" --jobs {jobs}" if jobs > 1 else "")
+        command = command_line("sweep", overrides or [], plugin, config_dir, jobs, retry_failed)
         try:
             reports = report.after_sweep(outcome, command)
         except UserError:
