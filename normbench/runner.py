@@ -197,9 +197,8 @@ def _resume_state(folder: Path, cfg: Config, model: nn.Module) -> dict | None:
 def finished_summary(folder: Path, cfg: Config) -> dict | None:
     """The summary of a finished run of this config in `folder`, or None."""
     summary = results.read_summary(folder)
-    if summary is None or summary.get("config_hash") != config_hash(cfg) or results.summary_problem(summary, folder):
-        return None
-    return summary if summary.get("status") in results.FINISHED else None
+    return summary if results.sound(summary, folder, config_hash(cfg)) and summary["status"] in results.FINISHED \
+        else None
 
 
 def _aside(folder: Path, what: str) -> Path:

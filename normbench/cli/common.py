@@ -95,27 +95,31 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 def print_failures(failures: list[tuple[str, str]]) -> None:
     """Each cause once: a hundred runs that fail for one reason (missing data, say) are one line."""
+    console.print(f"[red]without a result (failed or invalid): {len(failures)}[/red]")
+    for why, whats in _by_cause(failures).items():
+        console.print(f"  {escape(_who(whats, 'runs'))}: {escape(why)}", soft_wrap=True)
+
+
+def _by_cause(failures: list[tuple[str, str]]) -> dict[str, list[str]]:
     by_cause: dict[str, list[str]] = {}
     for what, why in failures:
         by_cause.setdefault(str(why), []).append(what)
-    console.print(f"[red]without a result (failed or invalid): {len(failures)}[/red]")
-    for why, whats in by_cause.items():
-        who = whats[0] if len(whats) == 1 else f"{len(whats)} runs ({whats[0]}, ...)"
-        console.print(f"  {escape(who)}: {escape(why)}", soft_wrap=True)
+    return by_cause
+
+
+def _who(whats: list[str], plural: str) -> str:
+    return whats[0] if len(whats) == 1 else f"{len(whats)} {plural} ({whats[0]}, ...)"
 
 
 def all_invalid(planned: list) -> UserError | None:
     """When no job of a plan is valid: one user error with the first reason (nothing was trained or written)."""
     if not planned or any(p.state != "invalid" for p in planned):
         return None
-    reasons: dict[str, list[str]] = {}
-    for p in planned:
-        reasons.setdefault(str(p.error), []).append(p.label)
+    reasons = _by_cause([(p.label, p.error) for p in planned])
     why, labels = next(iter(reasons.items()))
     others = len(reasons) - 1
-    return UserError(f"every job is invalid ({len(planned)}); " + (f"{len(labels)} jobs ({labels[0]}, ...)" if len(labels) > 1
-                     else labels[0]) + f": {why}" + (f"; {others} other reason{'s' if others > 1 else ''}: "
-                                                       "the same command with --dry-run lists each" if others else ""))
+    more = f"; {others} other reason{'s' if others > 1 else ''}: the same command with --dry-run lists each"
+    return UserError(f"every job is invalid ({len(planned)}); {_who(labels, 'jobs')}: {why}" + (more if others else ""))
 
 
 _ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",

@@ -49,9 +49,8 @@ def show_config(overrides: Overrides = None, config_dir: ConfigDir = None, plugi
     import yaml
     from rich.syntax import Syntax
 
-    from normbench.display import note, stderr
-
     from normbench.config import compose, run_id, to_dict
+    from normbench.display import note, stderr
 
     load_plugins(plugin)
     with user_errors():

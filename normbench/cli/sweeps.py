@@ -62,7 +62,6 @@ def _print_duplicates(planned) -> None:
 
 def _counts(planned, retry_failed: bool) -> str:
     from normbench.sweep import to_train
-
     from normbench.sweep.planning import RETRIED
 
     todo = to_train(planned, retry_failed)

@@ -30,12 +30,12 @@ from normbench.results.locks import LOCKS, Busy, is_locked, report_lock, run_loc
 from normbench.results.runs import (CHECKPOINT, FINISHED, METRIC_COLUMNS, NAME_PATTERN, REQUIRED_SUMMARY_KEYS,
                                     adopt_legacy, check_run_folder, clean_finished, damaged_result, keep_damaged_aside, legacy_summary, experiment_dir, git_sha, load_checkpoint, read_metrics,
                                     read_summary, remove_checkpoint, results_root, run_dir, save_checkpoint, scan,
-                                    summary_problem, versions, write_config, write_metrics, write_summary)
+                                    sound, summary_problem, versions, write_config, write_metrics, write_summary)
 from normbench.results.sweeps import read_sweeps, record_sweep
 
 __all__ = ["adopt_legacy", "legacy_summary", "CHECKPOINT", "FINISHED", "LOCKS", "METRIC_COLUMNS", "NAME_PATTERN", "REQUIRED_SUMMARY_KEYS",
            "TEMP_SUFFIX", "Busy", "ResultsError", "atomic_write", "check_run_folder", "check_writable", "clean_finished", "damaged_result", "keep_damaged_aside",
            "experiment_dir", "file_mode", "git_sha", "inside", "is_locked", "load_checkpoint", "read_metrics",
            "read_summary", "read_sweeps", "record_sweep", "remove_checkpoint", "remove_stale_temp_files",
-           "report_lock", "results_root", "run_dir", "run_lock", "save_checkpoint", "scan", "summary_problem",
+           "report_lock", "results_root", "run_dir", "run_lock", "save_checkpoint", "scan", "sound", "summary_problem",
            "versions", "write_config", "write_figure", "write_metrics", "write_summary", "write_table"]

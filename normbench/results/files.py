@@ -84,6 +84,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+def numbered_aside(path: Path, pattern: str) -> Path:
+    """The first name `pattern`.format(N), N = 1, 2, ..., beside `path` that nothing has (a dangling link counts)."""
+    n = 1
+    while os.path.lexists(aside := path.with_name(pattern.format(n))):
+        n += 1
+    return aside
+
+
 def inside(root: Path, path: Path) -> Path:
     """`path` with symlinks resolved, refused unless it stays inside `root` (already resolved)."""
     resolved = path.resolve()

@@ -18,7 +18,7 @@ import yaml
 
 from normbench.config import Config, dict_hash, legacy_run_id, run_id, to_dict
 from normbench.errors import ResultsError, UserError
-from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, remove_stale_temp_files
+from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, numbered_aside, remove_stale_temp_files
 from normbench.results.locks import Busy, is_locked, run_lock
 
 if TYPE_CHECKING:
@@ -225,6 +225,12 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
     return None
 
 
+def sound(summary: dict | None, folder: Path, expected_hash: str) -> bool:
+    """Whether `summary`, read from `folder`, is a trustworthy summary of the config hashing to `expected_hash`."""
+    return (summary is not None and summary.get("config_hash") == expected_hash
+            and summary_problem(summary, folder) is None)
+
+
 DAMAGED = re.compile(r"^\.(.+)\.damaged-\d+$")  # .<run_id>.damaged-N: a damaged result kept aside
 
 
@@ -243,9 +249,7 @@ def damaged_result(folder: Path) -> str | None:
 def keep_damaged_aside(folder: Path) -> Path:
     """Move a run folder whose result cannot be trusted out of the way, never deleting it: to
     ``.<run_id>.damaged-N`` beside it, which nothing reads as a result (and `scan` warns about)."""
-    n = 1
-    while os.path.lexists(aside := folder.with_name(f".{folder.name}.damaged-{n}")):  # (a dangling link too)
-        n += 1
+    aside = numbered_aside(folder, f".{folder.name}.damaged-{{}}")
     try:
         folder.rename(aside)
     except OSError as e:
@@ -281,8 +285,8 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
         return []
     folders = []
     for p in entries:
-        if DAMAGED.match(p.name):
-            warnings.append(f"{p}: the damaged result of run {DAMAGED.match(p.name).group(1)}, kept aside when "
+        if damaged := DAMAGED.match(p.name):
+            warnings.append(f"{p}: the damaged result of run {damaged.group(1)}, kept aside when "
                             "the run was trained again; remove it once you no longer need it")
             continue
         try:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from normbench.errors import ResultsError
-from normbench.results.files import atomic_write
+from normbench.results.files import atomic_write, numbered_aside
 from normbench.results.locks import report_lock
 
 
@@ -44,9 +44,7 @@ def _append_sweep(experiment: Path, entry: dict) -> str | None:
     earlier = read_sweeps(experiment, warnings)
     kept = None
     if warnings and path.exists():
-        n = 1
-        while (aside := path.with_name(f"sweeps.json.damaged-{n}")).exists():
-            n += 1
+        aside = numbered_aside(path, "sweeps.json.damaged-{}")
         try:
             path.rename(aside)
         except OSError as e:

@@ -86,8 +86,7 @@ def run_state(cfg: Config, clean: bool = True, rid: str | None = None) -> tuple[
         results.adopt_legacy(cfg, folder)  # a finished run under its 0.2 name (gn8, bn_shared) moves here
     legacy = None if clean else results.legacy_summary(cfg, folder)  # --dry-run: report it, move nothing
     summary = legacy[1] if legacy else results.read_summary(folder)
-    if (summary is None or summary.get("config_hash") != config_hash(cfg)
-            or results.summary_problem(summary, legacy[0] if legacy else folder)):
+    if not results.sound(summary, legacy[0] if legacy else folder, config_hash(cfg)):
         if results.is_locked(folder):
             return "busy", None
         # damaged: kept aside (runner.execute) and trained again
