@@ -129,7 +129,7 @@ def write(report: Report) -> Path:
 def _write(report: Report) -> Path:
     out = report.experiment
     results.remove_stale_temp_files(out)  # a sweep killed while writing its report may have left one
-    results.write_table(out / "runs.csv", report.runs)
+    results.write_table(out / "runs.csv", analysis.as_written(report.runs))
     results.write_table(out / "summary.csv", report.summary)
     results.write_table(out / "pivot.csv", report.pivot, index=True)
     results.write_table(out / "delta_vs_bn.csv", report.delta)

@@ -426,6 +426,20 @@ def test_recovery_capped_at_the_whole_loss():
                              f"(95% interval {100 * lo:.0f}% to 100%).")
 
 
+def test_runs_csv_writes_whole_numbers_that_some_runs_leave_empty_without_a_decimal_point():
+    """pandas stores [7, None] as floats; runs.csv says 7, as summary.json does, and leaves the rest as they are."""
+    import io
+
+    gn = fake_run("gn", 8, 1, 80.0, status="diverged")  # diverged_step 7; num_groups only in GN's config
+    runs = analysis.runs_table([fake_run("bn", 8, 0, 70.0), gn])
+    assert runs.diverged_step.dtype == float  # the table itself computes in floats
+    written = pd.read_csv(io.StringIO(analysis.as_written(runs).to_csv(index=False)), dtype=str, keep_default_na=False)
+    assert sorted(written.diverged_step) == ["", "7"]
+    assert sorted(written["config.norm.num_groups"]) == ["", str(gn["config"]["norm"]["num_groups"])]
+    assert sorted(written["config.norm.momentum"]) == ["", "0.1"]  # floats stay floats
+    assert analysis.as_written(runs.iloc[:0]).empty and analysis.as_written(pd.DataFrame()).empty
+
+
 def test_runs_table_has_a_column_per_test_time_shift():
     from normbench.analysis import runs_table
 

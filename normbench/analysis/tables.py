@@ -66,6 +66,7 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    frame.attrs[INTEGERS] = _integer_columns(rows)
     config_cols = [c for c in frame.columns if c.startswith("config.")]
     for group in ("data", "model"):
         frame[group] = _labels(frame, group, [c for c in config_cols if c.startswith(f"config.{group}.")])
@@ -80,6 +81,27 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
 
 
 SHIFT_METRICS = ("test_acc@", "test_acc_adapted@")
+INTEGERS = "integer_columns"  # frame.attrs key: the columns of whole numbers that some runs leave empty
+
+
+def _integer_columns(rows: list[dict]) -> list[str]:
+    """Columns whose values are all ints (not bools) where present and missing in some rows: pandas
+    stores those as floats (3.0), which `as_written` undoes."""
+    columns = dict.fromkeys(key for row in rows for key in row)
+    found = []
+    for c in columns:
+        values = [row.get(c) for row in rows]
+        present = [v for v in values if v is not None]
+        if present and len(present) < len(values) and all(type(v) is int for v in present):
+            found.append(c)
+    return found
+
+
+def as_written(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs table as runs.csv holds it: whole-number settings and counts that some runs leave
+    empty written as 3, not 3.0 (a copy; `runs_table` records which columns those are)."""
+    columns = [c for c in runs.attrs.get(INTEGERS, []) if c in runs.columns]
+    return runs.astype({c: "Int64" for c in columns}) if columns else runs
 
 
 def _shift_columns(shifts: dict) -> dict:

@@ -7,7 +7,6 @@ import functools
 import io
 import json
 import math
-import os
 import platform
 import re
 import subprocess
