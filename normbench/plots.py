@@ -166,7 +166,7 @@ def training_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], title: 
     if done.empty:
         return None
     keys = ["data", "model", *[c for c in condition_columns(done) if c.startswith("config.")], "norm"]
-    panels = list(done.groupby(keys))
+    panels = list(done.groupby(keys, dropna=False))  # a setting some runs leave unset: a panel of its own
     fig, axes = _grid(len(panels), width=4.2, height=3.0)
     batches = sorted(done.batch_size.unique())
     color_of = dict(zip(batches, plt.cm.viridis(np.linspace(0, 0.9, len(batches)))))  # dark: small batch

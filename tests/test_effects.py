@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -134,3 +135,12 @@ def test_an_unset_normalization_batch_is_the_whole_batch_in_sweep_effects():
     effects = analysis.sweep_effects(analysis.runs_table(summaries))
     row = effects.iloc[0]
     assert (row.level_a, row.level_b) == ("2", "64") and row.effect == pytest.approx(-10.0)
+
+
+def test_a_condition_names_whole_numbers_without_a_decimal_point():
+    """A setting some runs leave unset is a float column in the runs table; the sentence still says epochs=2."""
+    from normbench.analysis.verdict import _condition
+
+    row = pd.Series({"data": "mnist", "model": "mlp", "norm": "bn", "batch_size": 32.0, "config.epochs": 2.0,
+                     "config.lr": 0.05})
+    assert _condition(row, list(row.index)) == "mnist / mlp / bn, batch 32, epochs=2, lr=0.05"

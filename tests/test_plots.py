@@ -134,3 +134,15 @@ def test_training_curves_keep_runs_of_other_settings_apart():
     titles = sorted(ax.get_title() for ax in fig.axes if ax.get_visible())
     assert titles == ["mnist / mlp / epochs=3 / bn", "mnist / mlp / epochs=3 / ln",
                       "mnist / mlp / epochs=5 / bn", "mnist / mlp / epochs=5 / ln"]
+
+
+def test_training_curves_keep_runs_that_leave_a_setting_unset():
+    """A setting some runs leave unset (NaN in the runs table) is a panel of its own, not a dropped one: with two
+    such settings that no run sets both of, every run was dropped and the report crashed."""
+    runs, curves = fake_curves()
+    runs["config.norm_batch_size"] = [4 if i % 2 else np.nan for i in range(len(runs))]
+    runs["config.optim.weight_decay"] = [np.nan if i % 2 else 0.1 for i in range(len(runs))]
+    fig = plots.training_curves(runs, curves, "t")
+    lines = sum(len(ax.get_lines()) for ax in fig.axes if ax.get_visible())
+    assert lines == len(runs)  # one batch size per line per panel: every run is drawn
+    assert any("norm_batch_size=nan" in ax.get_title() for ax in fig.axes)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis.stats import diff_ci, no_interval, paired_ci, recovered_share
-from normbench.analysis.tables import LOST, as_text, bn_label, panel_columns, runs_of
+from normbench.analysis.tables import LOST, as_text, bn_label, panel_columns, runs_of, value_text
 
 
 def _match(frame: pd.DataFrame, where: dict) -> pd.DataFrame:
@@ -198,7 +198,7 @@ def _condition(row: pd.Series, keys: list[str]) -> str:
     words = [str(row[k]) for k in ("data", "model", "norm") if k in keys]
     if "batch_size" in keys:
         words[-1:] = [f"{words[-1]}, batch {int(row.batch_size)}"] if words else [f"batch {int(row.batch_size)}"]
-    extras = [f"{k.removeprefix('config.')}={row[k]}" for k in keys if k.startswith("config.")]
+    extras = [f"{k.removeprefix('config.')}={value_text(row[k])}" for k in keys if k.startswith("config.")]
     return ", ".join([" / ".join(words), *extras]) if extras else " / ".join(words)
 
 
@@ -228,6 +228,6 @@ def factor_verdict(effects: pd.DataFrame) -> list[str]:
     for _, row in effects.iterrows():
         present = [k for k in keys if k != row.factor and pd.notna(row[k])]
         factor = str(row.factor).removeprefix("config.")
-        lines.append(f"{_condition(row, present)}: {row.metric} at {factor}={row.level_a} minus at "
-                     f"{factor}={row.level_b}: {effect_words(row, family)}.")
+        lines.append(f"{_condition(row, present)}: {row.metric} at {factor}={value_text(row.level_a)} minus at "
+                     f"{factor}={value_text(row.level_b)}: {effect_words(row, family)}.")
     return lines
