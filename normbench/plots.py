@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator  # noqa: E402
 
 from normbench.analysis import condition_columns, lost_seeds  # noqa: E402
+from normbench.analysis.tables import value_text  # noqa: E402
 
 PANEL_KEYS = ("data", "model")
 
@@ -177,7 +178,7 @@ def training_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], title: 
             mean = pd.concat(frames).groupby("epoch").train_loss.mean()
             ax.plot(mean.index, mean.values, marker=".", color=color_of[batch], label=f"B={batch}")
             epochs.update(int(e) for e in mean.index)
-        ax.set_title(" / ".join(str(v) if not k.startswith("config.") else f"{k.split('.', 1)[1]}={v}"
+        ax.set_title(" / ".join(str(v) if not k.startswith("config.") else f"{k.split('.', 1)[1]}={value_text(v)}"
                                 for k, v in zip(keys, key)), fontsize=9)
         ax.set_xlabel("epoch")
         if len(epochs) <= 12:
@@ -217,7 +218,7 @@ def metric_vs_factor(runs: pd.DataFrame, factor: str, metric: str, title: str):
             if points:
                 x, mean, half = zip(*points)
                 _line(ax, x, mean, half, str(norm), color_of[str(norm)])
-        ax.set_title(" / ".join(f"{k.removeprefix('config.')}={v}" if k not in ("data", "model") else str(v)
+        ax.set_title(" / ".join(f"{k.removeprefix('config.')}={value_text(v)}" if k not in ("data", "model") else str(v)
                                 for k, v in zip(keys, key if isinstance(key, tuple) else (key,))), fontsize=9)
         if numeric and min(position.values()) > 0 and max(position.values()) / min(position.values()) >= 8:
             ax.set_xscale("log", base=2)

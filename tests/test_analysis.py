@@ -468,3 +468,11 @@ def test_a_setting_some_runs_leave_unset_keeps_their_rows(tmp_path):
     pivot = analysis.pivot(summary)
     assert [key[2] for key in pivot.index] == ["2", "4", "-"]  # data, model, norm_batch_size, norm
     assert (pivot.loc[pivot.index[2]] != "-").sum() == 2  # the unset row has its batch 8 and 16 cells
+
+
+def test_a_label_names_an_unset_setting_as_a_config_writes_it():
+    iid, grouped = fake_run("bn", 8, 0, 70.0), fake_run("bn", 8, 0, 71.0)
+    grouped["config"]["data"]["batch_classes"] = 2
+    iid["config"]["data"]["batch_classes"] = None
+    assert sorted(analysis.runs_table([iid, grouped]).data) == ["synthetic(batch_classes=2)",
+                                                                 "synthetic(batch_classes=null)"]

@@ -145,4 +145,4 @@ def test_training_curves_keep_runs_that_leave_a_setting_unset():
     fig = plots.training_curves(runs, curves, "t")
     lines = sum(len(ax.get_lines()) for ax in fig.axes if ax.get_visible())
     assert lines == len(runs)  # one batch size per line per panel: every run is drawn
-    assert any("norm_batch_size=nan" in ax.get_title() for ax in fig.axes)
+    assert any("norm_batch_size=null" in ax.get_title() for ax in fig.axes)  # as a config writes it

@@ -124,7 +124,9 @@ def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
 
 
 def value_text(v) -> str:
-    """A setting's value as labels show it: 4 for 4.0, (16,32) for a list."""
+    """A setting's value as labels show it: 4 for 4.0, (16,32) for a list, null where a run leaves it unset."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "null"
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     if isinstance(v, tuple):
