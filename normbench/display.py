@@ -7,6 +7,7 @@ in `normbench.progress`.
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 from contextlib import contextmanager
@@ -19,10 +20,33 @@ from rich.table import Table
 PLAIN_WIDTH = 1000  # off a terminal: lines as long as their content, never cut at 80 columns
 
 
+TRANSLITERATE = "normbench"  # the codec error handler that writes "±" as "+/-" where the output cannot encode it
+_ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
+          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2", "−": "-", "‖": "||",
+          "′": "'"}
+
+
+def _transliterate(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII.get(c, "?") for c in text), error.end
+
+
+codecs.register_error(TRANSLITERATE, _transliterate)
+
+
 class _Console(Console):
     """A Console that, off a terminal (a pipe, a log file, CI), lays tables and sentences out at their
     natural width instead of Rich's default 80 columns, which split cells like "94.0 ± 2.6" over two
-    lines. COLUMNS, when set, still wins."""
+    lines. COLUMNS, when set, still wins. Where the output cannot encode a character ("±" under
+    PYTHONIOENCODING=ascii or a C locale) every string is transliterated before it is measured and
+    laid out ("+/-"), so table columns stay aligned."""
+
+    def render_str(self, text: str, **kwargs):
+        try:
+            text.encode(self.encoding)
+        except UnicodeEncodeError:
+            text = text.encode(self.encoding, errors=TRANSLITERATE).decode(self.encoding)
+        return super().render_str(text, **kwargs)
 
     @property
     def size(self) -> ConsoleDimensions:

@@ -19,10 +19,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 from rich.table import Table
-from rich.text import Text
 
 from normbench import analysis, plots, results
 from normbench.config import run_id
+from normbench.display import console
 from normbench.errors import UserError
 
 
@@ -99,7 +99,8 @@ def _unswept_differences(runs: pd.DataFrame, sweeps: list[dict]) -> list[str]:
     unswept = [c for c in extra if c not in swept]
     if not unswept:
         return []
-    values = "; ".join(f"{c.split('.', 1)[1]} {' or '.join(sorted(map(str, runs[c].unique())))}" for c in unswept)
+    values = "; ".join(f"{c.split('.', 1)[1]} {' or '.join(sorted(set(map(analysis.tables.value_text, runs[c]))))}"
+                       for c in unswept)
     return [f"The runs in this folder differ in settings that no sweep recorded here varies ({values}): "
             "they come from different runs or sweeps, and the tables keep them apart by those settings."]
 
@@ -320,5 +321,7 @@ def rich_pivot(report: Report) -> Table:
     for col in pv.columns:
         table.add_column(_heading(col), justify="right" if isinstance(col, (int, float)) else "left")
     for row in pv.itertuples(index=False):
-        table.add_row(*(Text(str(v), style="yellow" if LOST_MARK.search(str(v)) else "") for v in row))
+        # through the console, which writes "±" as "+/-" where the output cannot encode it, before layout
+        table.add_row(*(console.render_str(str(v), style="yellow" if LOST_MARK.search(str(v)) else "", markup=False)
+                        for v in row))
     return table

@@ -218,3 +218,23 @@ def test_a_sweep_with_invalid_jobs_says_so_before_training(tmp_path):
     out = CliRunner().invoke(app, ["sweep", *args]).output
     note = out.index("1 of the sweep's 2 jobs cannot run")
     assert note < out.index("[1/1]")  # before the first run's line
+
+
+def test_tables_stay_aligned_where_the_output_cannot_encode_plus_minus():
+    """PYTHONIOENCODING=ascii: "±" is written "+/-", and the columns are measured in what is written."""
+    from rich.table import Table
+
+    from normbench.display import TRANSLITERATE, _Console
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors=TRANSLITERATE)
+    table = Table(title="accuracy, mean ± 95% interval")
+    table.add_column("norm")
+    table.add_column("2")
+    table.add_row("bn", "94.0 ± 2.6")
+    table.add_row("ln", "-")
+    _Console(file=out, width=60, highlight=False).print(table)
+    out.seek(0)
+    lines = out.read().splitlines()
+    assert "+/-" in lines[0] and any("94.0 +/- 2.6" in line for line in lines)
+    body = [line for line in lines[1:] if line.strip()]
+    assert len({len(line) for line in body}) == 1, "\n".join(body)

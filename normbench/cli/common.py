@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import os
 import sys
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from normbench import __version__
-from normbench.display import console, stderr
+from normbench.display import TRANSLITERATE, console, stderr
 from normbench.errors import UserError
 
 # Commands import what they use when they run (the config package, torch, pandas), so that --version,
@@ -122,21 +121,10 @@ def all_invalid(planned: list) -> UserError | None:
     return UserError(f"every job is invalid ({len(planned)}); {_who(labels, 'jobs')}: {why}" + (more if others else ""))
 
 
-_ASCII = {"±": "+/-", "×": "x", "…": "...", "—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "√": "sqrt",
-          "σ": "sigma", "μ": "mu", "β": "beta", "γ": "gamma", "η": "eta", "·": "*", "²": "^2", "−": "-", "‖": "||",
-          "′": "'"}
-
-
-def _transliterate(error: UnicodeEncodeError) -> tuple[str, int]:
-    text = error.object[error.start:error.end]
-    return "".join(_ASCII.get(c, "?") for c in text), error.end
-
-
 def main() -> None:
     # A terminal or pipe that cannot encode "±" (PYTHONIOENCODING=ascii, a C locale) gets "+/-", not a crash
-    # after the results are written.
-    codecs.register_error("normbench", _transliterate)
+    # after the results are written (tables are laid out in those characters: see display.TRANSLITERATE).
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="normbench")
+            stream.reconfigure(errors=TRANSLITERATE)
     app()
