@@ -476,3 +476,21 @@ def test_a_label_names_an_unset_setting_as_a_config_writes_it():
     iid["config"]["data"]["batch_classes"] = None
     assert sorted(analysis.runs_table([iid, grouped]).data) == ["synthetic(batch_classes=2)",
                                                                  "synthetic(batch_classes=null)"]
+
+
+def test_runs_of_two_versions_of_a_plugin_norm_are_not_pooled():
+    """The norm label leaves the plugin's code out (run ids carry it); a table of runs made by two versions of
+    the plugin keeps them apart instead of averaging them as seeds of one condition."""
+    runs = []
+    for source, acc in (("sha256:aaaa", 96.0), ("sha256:bbbb", 10.0)):
+        for seed in (0, 1):
+            run = fake_run("gn", 64, seed, acc + seed, num_groups=4)
+            run["config"]["norm"]["plugin"] = {"name": "mine", "source": source}
+            runs.append(run)
+    table = analysis.runs_table(runs)
+    assert sorted(set(table.norm)) == ["gn(num_groups=4,plugin.source=sha256:aaaa)",
+                                       "gn(num_groups=4,plugin.source=sha256:bbbb)"]
+    summary = analysis.summary_table(table)
+    assert sorted(summary.n) == [2, 2] and sorted(summary.test_acc_mean) == [10.5, 96.5]
+    one_version = analysis.runs_table(runs[:2])
+    assert set(one_version.norm) == {"gn(num_groups=4)"}

@@ -266,3 +266,55 @@ def test_a_yaml_variant_of_a_plugin_norm_without_the_plugin_says_to_load_it():
     assert result.exit_code == 2 and result.output.startswith(
         "error: norm/loo_bn_slow builds on norm 'loo_bn', which is not known here; a norm from a plugin needs --plugin")
     assert "Config search path" not in result.output
+
+
+_IN_PROCESS = """
+import torch
+
+
+def helper(x):
+    return {helper_body}
+
+
+class Center(torch.nn.Module):
+    def forward(self, x):
+        return helper(x - x.mean())
+
+
+def unrelated():
+    return {unrelated_body}
+
+
+def build(num_features, kind, options):
+    return Center()
+"""
+
+
+@pytest.mark.parametrize("with_source", [True, False], ids=["script", "no-source"])
+def test_a_norm_registered_in_process_is_identified_by_all_the_code_it_uses(tmp_path, monkeypatch, with_source):
+    """Editing the module the builder returns, or a helper its forward calls, changes the norm's source hash (and
+    so its run ids); editing code it does not use does not. With the source at hand (a script) and without it
+    (python -c, exec)."""
+    import importlib.util
+    import types
+
+    from normbench.plugins.loading import in_process
+
+    def source_hash(helper_body: str, unrelated_body: str = "1") -> str:
+        text = _IN_PROCESS.format(helper_body=helper_body, unrelated_body=unrelated_body)
+        if with_source:
+            path = tmp_path / f"user_{abs(hash(text))}.py"
+            path.write_text(text)
+            spec = importlib.util.spec_from_file_location("user_norms", path)
+            module = importlib.util.module_from_spec(spec)
+            monkeypatch.setitem(sys.modules, "user_norms", module)
+            spec.loader.exec_module(module)
+        else:
+            module = types.ModuleType("user_norms")
+            exec(compile(text, "<string>", "exec"), module.__dict__)
+        return in_process(module.build, None).source
+
+    plain = source_hash("x")
+    assert source_hash("x") == plain
+    assert source_hash("0 * x") != plain  # a helper of the module's forward
+    assert source_hash("x", unrelated_body="2") == plain

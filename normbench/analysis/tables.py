@@ -72,6 +72,7 @@ def runs_table(summaries: list[dict], curves: dict[str, pd.DataFrame] | None = N
         frame[group] = _labels(frame, group, [c for c in config_cols if c.startswith(f"config.{group}.")])
     frame["norm"] = [norm_label(s["config"]["norm"]) if isinstance(s["config"].get("norm"), dict)
                      else str(s["config"].get("norm")) for s in summaries]
+    frame["norm"] = _told_apart(frame, "norm", [c for c in config_cols if c.startswith("config.norm.")])
     shifted = [c for c in frame.columns if c.startswith(SHIFT_METRICS)]
     for m in METRICS + ["best_test_acc", "effective_lr", "wall_seconds", "samples_per_s"] + shifted:
         frame[m] = pd.to_numeric(frame[m], errors="coerce")
@@ -120,6 +121,20 @@ def _labels(frame: pd.DataFrame, group: str, columns: list[str]) -> pd.Series:
             extras = ",".join(f"{k.split('.', 2)[2]}={value_text(row[k])}" for k in keys)
             if extras:
                 labels[i] = f"{name}({extras})"
+    return labels
+
+
+def _told_apart(frame: pd.DataFrame, label: str, columns: list[str]) -> pd.Series:
+    """Labels that stay one label only where the runs agree in `columns`: runs of one norm label made by two
+    versions of its plugin (norm.plugin.source, which the label leaves out) become 'mynorm(plugin.source=...)',
+    so no table pools them as seeds of one condition."""
+    labels = frame[label].copy()
+    for name, rows in frame.groupby(label):
+        keys = _varying(rows, columns)
+        for i, row in rows.iterrows():
+            extras = ",".join(f"{k.split('.', 2)[2]}={value_text(row[k])}" for k in keys)
+            if extras:
+                labels[i] = f"{name[:-1]},{extras})" if name.endswith(")") else f"{name}({extras})"
     return labels
 
 

@@ -68,18 +68,54 @@ def current() -> Provenance | None:
 
 def in_process(*objects) -> Provenance:
     """The provenance of code registered from this process (a notebook, a script): its defining module,
-    and a hash of the registered objects' source (their compiled code where the source is not at hand)."""
-    chunks = []
-    for obj in objects:
-        if obj is None:
-            continue
-        try:
-            chunks.append(inspect.getsource(obj).encode())
-        except Exception:  # noqa: BLE001 - no source at hand (python -c, exec): OSError, TypeError, TokenError
-            code = getattr(obj, "__code__", None)
-            chunks.append(repr((code.co_code, code.co_consts) if code else obj.__qualname__).encode())
+    and a hash of the source of the registered objects and of every class and function of that module
+    they use, directly or through each other (the nn.Module a builder returns, the helpers its forward
+    calls): editing any of them changes the run ids. Compiled code stands in where the source is not at
+    hand (python -c, exec, some notebooks)."""
     module = next((getattr(o, "__module__", None) for o in objects if o is not None), None) or "__main__"
-    return Provenance(module, _digest(chunks))
+    used = _used_from(module, [o for o in objects if o is not None])
+    return Provenance(module, _digest(_code_text(obj) for obj in used))
+
+
+def _used_from(module: str, roots: list) -> list:
+    """`roots` and the classes and functions of `module` they reach through the global names their code
+    uses (methods of a class included), each once, in a stable order."""
+    found, todo = {}, list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in found:
+            continue
+        found[id(obj)] = obj
+        functions = [obj] if inspect.isfunction(obj) else []
+        if inspect.isclass(obj):
+            for member in vars(obj).values():
+                member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+                functions += [member] if inspect.isfunction(member) else []
+        for function in functions:
+            for name in _global_names(function.__code__):
+                value = function.__globals__.get(name)
+                if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == module:
+                    todo.append(value)
+    return sorted(found.values(), key=lambda o: (getattr(o, "__qualname__", ""), _code_text(o)))
+
+
+def _global_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:  # nested functions, lambdas, comprehensions
+        if inspect.iscode(const):
+            names |= _global_names(const)
+    return names
+
+
+def _code_text(obj) -> bytes:
+    try:
+        return inspect.getsource(obj).encode()
+    except Exception:  # noqa: BLE001 - no source at hand (python -c, exec): OSError, TypeError, TokenError
+        if inspect.isclass(obj):
+            return obj.__qualname__.encode() + b"".join(_code_text(m) for m in vars(obj).values()
+                                                         if inspect.isfunction(m))
+        code = getattr(obj, "__code__", None)
+        return repr((code.co_code, code.co_consts) if code else getattr(obj, "__qualname__", repr(obj))).encode()
 
 
 @contextmanager
