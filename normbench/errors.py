@@ -11,3 +11,12 @@ class DataError(UserError):
 
 class ResultsError(UserError):
     """A result could not be written (disk full, no permission); what was written before is intact."""
+
+
+class RunFailed(Exception):
+    """Training raised: the run's summary.json records it as failed, with the traceback (`__cause__` is the
+    original exception). Not the user's config to fix, so the CLI exits 1, in one line."""
+
+    def __init__(self, folder, error: str):
+        super().__init__(error)
+        self.folder, self.error = folder, error

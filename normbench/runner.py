@@ -21,7 +21,7 @@ from torch import nn
 from normbench import probes, results, threads, tracking
 from normbench.config import Config, config_hash, effective_lr, run_id, to_dict
 from normbench.data import Data, decoded, load_data
-from normbench.errors import UserError
+from normbench.errors import RunFailed, UserError
 from normbench.models import build_model, count_parameters, forward_work
 from normbench.norms import NormFactory, NormOptions
 from normbench.train import EpochRecord, FitResult, Progress, fit, resolve_device
@@ -116,6 +116,42 @@ def _check_batch_fits(cfg: Config, n_train: int) -> None:
 CALL_COST_MACS = 1.5e6
 
 
+def built_model(cfg: Config, shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, tuple[int, int]]:
+    """`build_model`, and the work of one sample's forward pass (`forward_work`: module calls and
+    multiply-accumulates; its passes of zero samples, in eval mode, change nothing). Also checks what a
+    plugin's code can get wrong: building or a forward pass that fails (a norm that changes the shape or
+    the dtype, or works on one model and not another) and an output other than one row of `num_classes`
+    scores; each is a user error naming the plugin's entries."""
+    from normbench.plugins.entries import WHAT, provenance_record
+
+    mine = [f"{WHAT[group]} '{getattr(cfg, group).name}'" for group in ("norm", "model", "data")
+            if provenance_record(group, getattr(cfg, group).name) is not None]
+    where = f"{' and '.join(mine)} (a plugin's) on model={cfg.model.name}" if mine else f"model={cfg.model.name}"
+    try:
+        model = build_model(cfg.model, shape, num_classes, norm_factory(cfg), cfg.seed)
+        outputs = []
+        hook = model.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+        try:
+            work = forward_work(model, shape)
+        finally:
+            hook.remove()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a plugin's code raises
+        if not mine:
+            raise
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{where}: building the model or a forward pass of a sample fails: "
+                        f"{type(e).__name__}: {message}") from e
+    out = outputs[-1] if outputs else None
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) == (1, num_classes)):
+        got = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise UserError(f"{where}: one sample gives {got}; a model gives one row of {num_classes} class scores "
+                        f"(floats of shape (1, {num_classes}))")
+    return model, work
+
+
 def check(cfg: Config) -> float:
     """Every refusal `prepare` can give, cheaply: data present and intact, model and norm compatible,
     batch not larger than the training set, results writable. Used to plan sweeps.
@@ -129,9 +165,8 @@ def check(cfg: Config) -> float:
     n_train = len(raw.train_y) if cfg.data.train_size is None else min(cfg.data.train_size, len(raw.train_y))
     _check_batch_fits(cfg, n_train)
     shape = tuple(raw.train_x.shape[1:])
-    model = build_model(cfg.model, shape, raw.num_classes, norm_factory(cfg), cfg.seed)
+    model, (calls, macs) = built_model(cfg, shape, raw.num_classes)
     results.check_writable(results.experiment_dir(cfg), create=False)
-    calls, macs = forward_work(model, shape)
     return cfg.epochs * (n_train // cfg.batch_size) * (calls * CALL_COST_MACS + cfg.batch_size * macs)
 
 
@@ -144,8 +179,7 @@ def prepare(cfg: Config, device: torch.device) -> tuple[Data, nn.Module]:
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     _check_batch_fits(cfg, len(data.train_y))
-    model = build_model(cfg.model, data.input_shape, data.num_classes, norm_factory(cfg), cfg.seed)
-    macs = forward_work(model, data.input_shape)[1]  # before .to(device): it runs a zero sample on the CPU
+    model, (_, macs) = built_model(cfg, data.input_shape, data.num_classes)  # before .to(device): samples on the CPU
     torch.set_num_threads(threads.choose(cfg.threads, cfg.batch_size, macs))
     model = model.to(device)
     if device.type == "cuda" and cfg.perf.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -301,8 +335,8 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
         error = f"{type(e).__name__}: {e}"
         results.write_summary(folder, summarize(cfg, fitted, "failed", seconds=time.perf_counter() - t0,
                                                 params=params, device=device, started=started,
-                                                error=error, tb=traceback.format_exc(limit=8)))
-        raise
+                                                error=error, tb=traceback.format_exc(limit=-12)))  # the innermost frames
+        raise RunFailed(folder, error) from e
     finally:
         if tracker is not None:
             tracker.close()

@@ -318,3 +318,93 @@ def test_a_norm_registered_in_process_is_identified_by_all_the_code_it_uses(tmp_
     assert source_hash("x") == plain
     assert source_hash("0 * x") != plain  # a helper of the module's forward
     assert source_hash("x", unrelated_body="2") == plain
+
+
+_FAULTY = '''
+import torch
+from torch import nn
+
+import normbench
+
+
+class Halves(nn.Module):  # drops half the features: the next layer cannot take them
+    def forward(self, x):
+        return x[:, : x.shape[1] // 2]
+
+
+class Doubles(nn.Module):  # float64 out of a float32 net
+    def forward(self, x):
+        return x.double()
+
+
+class FlatOnly(nn.Module):  # a LayerNorm over the channels: right on the MLP, wrong on the CNN
+    def __init__(self, c):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.ln(x)
+
+
+class Thirteen(nn.Module):  # 13 class scores for 10 classes
+    def __init__(self, shape):
+        super().__init__()
+        self.fc = nn.Linear(int(torch.tensor(shape).prod()), 13)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Late(nn.Module):  # fails after some training steps
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 5:
+            raise ValueError("late failure in my norm")
+        return x
+
+
+normbench.register_norm("halves", lambda c, kind, options: Halves())
+normbench.register_norm("doubles", lambda c, kind, options: Doubles())
+normbench.register_norm("flatonly", lambda c, kind, options: FlatOnly(c))
+normbench.register_norm("late", lambda c, kind, options: Late())
+normbench.register_model("thirteen", lambda cfg, shape, classes, norm: Thirteen(shape))
+'''
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["norm=halves"], ["norm 'halves' (a plugin's) on model=mlp", "RuntimeError", "cannot be multiplied"]),
+    (["norm=doubles"], ["norm 'doubles' (a plugin's) on model=mlp", "dtype"]),
+    (["norm=flatonly", "model=cnn"], ["norm 'flatonly' (a plugin's) on model=cnn", "normalized_shape"]),
+    (["model=thirteen", "norm=none"], ["model 'thirteen' (a plugin's)", "shape (1, 13)", "10 class scores"]),
+], ids=["shape", "dtype", "mlp-only", "classes"])
+def test_a_plugin_that_breaks_the_net_is_one_line_before_training(tmp_path, overrides, needles):
+    plugin = write(tmp_path, _FAULTY, "faulty.py")
+    args = ["--plugin", plugin, *TINY_DATA, *overrides, "epochs=1", "batch_size=16", f"results_dir={tmp_path / 'r'}"]
+    one_error_line(cli("run", *args), *needles)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_a_sweep_trains_the_jobs_a_faulty_plugin_leaves_valid(tmp_path):
+    plugin = write(tmp_path, _FAULTY, "faulty.py")
+    args = ["--plugin", plugin, *TINY_DATA, "norm=flatonly,none", "model=mlp,cnn", "epochs=1", "batch_size=32", f"results_dir={tmp_path / 'r'}"]
+    planned = cli("sweep", "--dry-run", *args)
+    assert planned.exit_code == 1 and "3 to train" in planned.output and "1 invalid" in planned.output, planned.output
+    assert "norm 'flatonly' (a plugin's) on model=cnn" in planned.output
+    swept = cli("sweep", *args)
+    assert swept.exit_code == 1 and len(list((tmp_path / "r" / "default").glob("*/summary.json"))) == 3
+
+
+def test_a_run_whose_plugin_fails_in_training_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    monkeypatch.delenv("NORMBENCH_DEBUG", raising=False)
+    plugin = write(tmp_path, _FAULTY, "faulty.py")
+    result = cli("run", "--plugin", plugin, *TINY_DATA, "norm=late", "model.width=16", "epochs=1", "batch_size=16",
+                 f"results_dir={tmp_path / 'r'}")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "error: the run failed: ValueError: late failure in my norm" in result.output
+    summary = json.loads(next((tmp_path / "r" / "default").glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "late failure" in summary["traceback"]
+    assert 'faulty.py", line' in summary["traceback"]  # the innermost frames: the plugin's own line

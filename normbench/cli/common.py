@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from normbench import __version__
 from normbench.display import TRANSLITERATE, console, stderr
-from normbench.errors import UserError
+from normbench.errors import RunFailed, UserError
 
 # Commands import what they use when they run (the config package, torch, pandas), so that --version,
 # list and config start fast (benchmarks/startup.py; tests/test_startup.py checks what each imports).
@@ -67,7 +67,8 @@ def one_config_note(overrides: list[str] | None, command: str) -> str | None:
 
 @contextmanager
 def user_errors():
-    """A user error is one red line and exit code 2; NORMBENCH_DEBUG=1 shows the traceback instead."""
+    """A user error is one red line and exit code 2, a run whose training raised one line and exit code 1;
+    NORMBENCH_DEBUG=1 shows the traceback instead."""
     try:
         yield
     except UserError as e:
@@ -75,6 +76,12 @@ def user_errors():
             raise
         stderr.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except RunFailed as e:  # training raised: not a config to fix (exit 1), and its summary keeps the traceback
+        if os.environ.get("NORMBENCH_DEBUG") == "1":
+            raise
+        stderr.print(f"[red]error:[/red] the run failed: {escape(e.error)} (its summary.json in {escape(str(e.folder))} "
+                     "records the traceback; NORMBENCH_DEBUG=1 shows it here)", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/yellow]")
         raise typer.Exit(130) from None

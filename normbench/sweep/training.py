@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from normbench import results
 from normbench.config import Config, run_id, to_config
-from normbench.errors import ResultsError, UserError
+from normbench.errors import ResultsError, RunFailed, UserError
 from normbench.sweep.planning import RETRIED, Planned
 
 
@@ -38,6 +38,8 @@ def train_job(cfg: Config, retry_failed: bool = False, display=None, wait: bool 
         outcome.update(status="failed", error=str(e))
     except UserError as e:
         outcome.update(status="invalid", error=str(e))
+    except RunFailed as e:
+        outcome.update(status="failed", error=e.error)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
         outcome.update(status="failed", error=f"{type(e).__name__}: {e}")
     return outcome
