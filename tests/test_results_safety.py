@@ -472,6 +472,22 @@ def test_a_symlinked_run_folder_is_read_and_never_written_through(results_dir, t
     assert "belongs to run" in alone.output and "its run is read" not in alone.output
 
 
+def test_a_run_folder_linked_to_another_runs_folder_never_overwrites_it(results_dir):
+    """A run's folder that is a symlink to another finished run's folder inside results_dir: training through it
+    overwrote that run's result. It is refused (run: one line; sweep: that job invalid), the target untouched."""
+    overrides, other = finished(results_dir)
+    mine = tiny_run_overrides(results_dir, seed=1)
+    folder = results.experiment_dir(compose(mine)) / run_id(compose(mine))
+    folder.symlink_to(other.name, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    one_error_line(invoke("run", *mine), f"{folder} is a symlink to {other}", "remove the symlink")
+    planned = sweep.plan(mine)
+    assert planned[0].state == "invalid" and "is a symlink" in planned[0].error
+    swept = invoke("sweep", *mine)
+    assert swept.exit_code == 2 and "is a symlink" in swept.output, swept.output
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
 def test_keeping_a_damaged_folder_aside_never_replaces_anything(tmp_path):
     folder = tmp_path / "mlp-bn-b8-s0-abc"
     folder.mkdir()

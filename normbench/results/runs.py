@@ -43,8 +43,16 @@ def experiment_dir(cfg: Config) -> Path:
 
 
 def run_dir(cfg: Config, rid: str | None = None) -> Path:
-    """<results_dir>/<name>/<run id>, resolved inside the results dir; `rid`: the run id, when already known."""
-    return inside(results_root(cfg), experiment_dir(cfg) / (rid or run_id(cfg)))
+    """<results_dir>/<name>/<run id>, resolved inside the results dir; `rid`: the run id, when already known.
+    A run folder that is itself a symlink is refused: it leads to another folder (another run's, even),
+    whose result training would overwrite; its target is left alone."""
+    path = experiment_dir(cfg) / (rid or run_id(cfg))
+    resolved = inside(results_root(cfg), path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symlink to {resolved}: normbench trains a run only in a folder of its own, "
+                        "never through a link (another run's result could be overwritten); remove the symlink "
+                        "(its target is left as it is)")
+    return resolved
 
 
 def check_run_folder(folder: Path) -> None:
