@@ -405,3 +405,23 @@ def test_a_folder_whose_runs_differ_only_in_what_its_sweeps_vary_has_no_warning(
     results.record_sweep(experiment, {"command": "normbench sweep epochs=1,2", "runs": planned})
     rep = report.build(experiment)
     assert rep.warnings == [] and rep.scope == f"This report covers all 9 finished runs in {experiment}."
+
+
+def test_a_results_folder_reports_every_experiment_it_can(experiment):
+    """`report results/`: an experiment with no finished run (its first run still training) is a warning, and the
+    experiments after it are still reported; only when none can be is it an error."""
+    root = experiment.parent
+    early = root / "a_early"  # sorts before "tiny"
+    early.mkdir()
+    run = shutil.copytree(experiment / run_folder_names(experiment)[0], early / run_folder_names(experiment)[0])
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running", "final": None}))
+    (experiment / "report.md").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["report", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: no report for {early}: no finished runs" in result.output.replace("\n", " ")
+    assert (experiment / "report.md").exists()
+    shutil.copytree(early, root / "b_early")
+    shutil.rmtree(experiment)
+    none = CliRunner().invoke(app, ["report", str(root)])
+    assert none.exit_code == 2 and "no experiment under" in none.output and "could be reported (2)" in none.output

@@ -173,9 +173,21 @@ def make_report(
                             f"normbench report {folder.parent}")
         if not experiments:
             raise UserError(f"no run folders under {folder}")
-        for experiment in experiments:
-            rep = report.build(experiment)
+        if len(experiments) == 1:
+            rep = report.build(experiments[0])
             _print_report(rep, report.write(rep))
+            return
+        refused = []  # of a results folder, each experiment that can be reported is, whatever the others hold
+        for experiment in experiments:
+            try:
+                rep = report.build(experiment)
+                _print_report(rep, report.write(rep))
+            except UserError as e:
+                refused.append(e)
+                console.print(f"[yellow]warning:[/yellow] no report for {escape(str(experiment))}: {escape(str(e))}",
+                              soft_wrap=True)
+        if len(refused) == len(experiments):
+            raise UserError(f"no experiment under {folder} could be reported ({len(refused)}); the first: {refused[0]}")
 
 
 def _has_runs(folder: Path) -> bool:
