@@ -163,7 +163,7 @@ def _loss_axis(ax) -> None:
 
 def training_curves(runs: pd.DataFrame, curves: dict[str, pd.DataFrame], title: str):
     """Train loss per epoch (mean over seeds), one line per batch size, one panel per data/model/norm."""
-    done = runs[runs.status == "completed"]
+    done = runs[(runs.status == "completed") & runs.run_id.isin(list(curves))]  # a damaged metrics.csv: no curve
     if done.empty:
         return None
     keys = ["data", "model", *[c for c in condition_columns(done) if c.startswith("config.")], "norm"]

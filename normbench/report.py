@@ -296,7 +296,7 @@ def _provenance(r: Report) -> list[str]:
              f"(base lr {_values(r.runs, 'config.lr')} at batch {_values(r.runs, 'config.base_batch_size')})"]
     lines += [f"- {_sweep_line(sweep)}" for sweep in r.sweeps]
     if r.skipped:
-        lines += ["", "Skipped folders:"] + [f"- {w}" for w in r.skipped]
+        lines += ["", "Run folders skipped or read in part:"] + [f"- {w}" for w in r.skipped]
     return lines
 
 

@@ -153,7 +153,7 @@ def test_report_markdown(experiment):
         assert f"![{name}]({name}.png)" in text
     assert "Layer Normalization (Ba et al. 2016)" in text  # the anchor for the MLP
     assert "## Provenance" in text and "- runs: 8;" in text
-    assert "Skipped folders" not in text
+    assert "Run folders skipped" not in text
 
 
 def test_report_command_rebuilds_the_same_tables_from_the_folders(experiment):
@@ -242,8 +242,6 @@ def _summary_of_another_run(experiment: Path) -> Path:
 @pytest.mark.parametrize("damage, why", [
     (_garbage_summary_alone, "no readable summary.json"),
     (_summary_missing_keys, "summary.json lacks config_hash, config"),
-    (_metrics_wrong_columns, "metrics.csv has columns ['epoch', 'loss', 'accuracy']"),
-    (_metrics_unreadable, "metrics.csv unreadable"),
     (_summary_of_another_run, "summary.json belongs to run"),
 ])
 def test_a_malformed_run_folder_is_skipped_with_a_warning(experiment, damage, why):
@@ -255,15 +253,42 @@ def test_a_malformed_run_folder_is_skipped_with_a_warning(experiment, damage, wh
     assert folder.name not in set(rep.runs.run_id)
     assert int(rep.summary.n.sum()) == expected_runs
     text = report.write(rep).read_text()
-    assert "Skipped folders:" in text and str(folder) in text
+    assert "Run folders skipped or read in part:" in text and str(folder) in text
     assert (experiment / "summary.csv").is_file()
 
 
+def _metrics_a_fifo(experiment: Path) -> Path:
+    import os
+
+    folder = _victim(experiment)
+    (folder / "metrics.csv").unlink()
+    os.mkfifo(folder / "metrics.csv")  # opened for reading, it would wait for a writer for ever
+    return folder
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_metrics_wrong_columns, "metrics.csv has 3 columns, not normbench's 11"),
+    (_metrics_unreadable, "metrics.csv unreadable (No such file"),
+    (_metrics_a_fifo, "metrics.csv unreadable (metrics.csv is not a regular file"),
+])
+def test_a_finished_run_with_a_damaged_training_curve_keeps_its_result(experiment, damage, why):
+    """Its final accuracy is in summary.json: the run stays in every table (a sweep counts it as done, so its report
+    must not call it missing), and only the training curve is left out, with a warning."""
+    folder = damage(experiment)
+    rep = report.build(experiment)
+    assert len(rep.warnings) == 1 and rep.warnings[0].startswith(f"{folder}: {why}"), rep.warnings
+    assert "its training curve is left out (its final result is used)" in rep.warnings[0]
+    assert len(rep.runs) == 8 and folder.name in set(rep.runs.run_id) and int(rep.summary.n.sum()) == 8
+    assert folder.name not in rep.curves
+    text = report.write(rep).read_text()
+    assert str(folder) in text and (experiment / "training_curves.png").is_file()
+
+
 def test_report_command_prints_the_warning(experiment):
-    folder = _metrics_wrong_columns(experiment)
+    folder = _summary_missing_keys(experiment)
     result = CliRunner().invoke(app, ["report", str(experiment)])
     assert result.exit_code == 0, result.output
-    assert f"warning: skipped {folder}: metrics.csv has columns" in result.output
+    assert f"warning: skipped {folder}: summary.json lacks" in result.output
     assert len(pd.read_csv(experiment / "runs.csv")) == 7
 
 
@@ -390,7 +415,7 @@ def test_a_sweep_reports_the_runs_it_planned_and_the_folder_report_says_what_it_
     text = (experiment / "report.md").read_text()
     assert f"This report covers all 9 finished runs in {experiment}. {warning}" in text
     assert "| data | model | epochs | norm | 4 | 16 |" in text
-    assert "- epochs per run: 1, 2;" in text and "Skipped folders" not in text
+    assert "- epochs per run: 1, 2;" in text and "Run folders skipped" not in text
     assert len(pd.read_csv(experiment / "runs.csv")) == 9
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -284,6 +285,14 @@ def test_an_unreadable_run_folder_is_skipped_with_a_warning(results_dir, monkeyp
 
     for name in ("exists", "open", "stat"):
         monkeypatch.setattr(Path, name, denied(getattr(Path, name)))
+    real_open = os.open
+
+    def os_open(path, *args, **kwargs):  # what results.read_regular opens with
+        if folder in Path(os.fsdecode(path)).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
     summaries, _, warnings = results.scan(folder.parent)
     assert [s["run_id"] for s in summaries] == [other.name]
     assert any(str(folder) in w for w in warnings)
@@ -440,18 +449,20 @@ def test_a_file_in_the_run_folders_place_is_one_line_and_left_alone(results_dir)
     assert folder.read_text() == "mine"
 
 
-def test_a_sweep_warns_about_a_finished_run_its_report_leaves_out(results_dir):
-    """An emptied metrics.csv: the sweep's own report skips the run, and says so as `report` does."""
+def test_a_sweep_and_its_report_agree_on_a_finished_run_with_a_damaged_curve(results_dir):
+    """An emptied metrics.csv: the sweep counts the run as done, and its report keeps the run's result (from
+    summary.json), leaving out only its training curve, with the warning `report` gives. A run alone too."""
     overrides, folder = finished(results_dir)
     finished(results_dir, "seed=1")
     (folder / "metrics.csv").write_text("")
     result = invoke("sweep", *overrides[:-1], "seed=0,1", overrides[-1])
     assert result.exit_code == 0, result.output
-    assert "warning: skipped" in result.output and "metrics.csv unreadable" in result.output
-    assert "2 runs: 0 planned to train, 2 already done" in result.output
-    alone = invoke("sweep", *overrides)  # its only run left out: the error says why
-    assert alone.exit_code == 2 and "1 skipped; the first: skipped" in alone.output
-    assert "metrics.csv unreadable" in alone.output
+    said = " ".join(result.output.split())
+    assert f"warning: {folder}: metrics.csv unreadable" in said and "training curve is left out" in said
+    assert "2 runs: 0 planned to train, 2 already done" in said and "missing" not in said
+    assert len(pd.read_csv(folder.parent / "runs.csv")) == 2
+    alone = invoke("sweep", *overrides)
+    assert alone.exit_code == 0 and "training curve is left out" in " ".join(alone.output.split()), alone.output
 
 
 def test_a_symlinked_run_folder_is_read_and_never_written_through(results_dir, tmp_path):

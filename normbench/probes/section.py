@@ -5,6 +5,7 @@ what they show. `probes_section` is the one entry point; it returns markdown lin
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def read_tables(folders: list[Path]) -> tuple[dict[str, pd.DataFrame], list[dict
             if not path.exists():
                 continue
             try:
-                table = pd.read_csv(path, dtype={"layer": str})
+                table = pd.read_csv(io.BytesIO(results.read_regular(path)), dtype={"layer": str})
             except (OSError, ValueError, pd.errors.ParserError) as e:
                 warnings.append(f"{path}: unreadable ({e}), left out")
                 continue

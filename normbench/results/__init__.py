@@ -24,7 +24,7 @@ Everything read back is untrusted: a damaged file is skipped with a warning, nev
 """
 
 from normbench.errors import ResultsError
-from normbench.results.files import (TEMP_SUFFIX, atomic_write, check_writable, file_mode, inside,
+from normbench.results.files import (TEMP_SUFFIX, atomic_write, check_writable, file_mode, inside, read_regular,
                                      remove_stale_temp_files, write_figure, write_table)
 from normbench.results.locks import LOCKS, Busy, is_locked, report_lock, run_lock
 from normbench.results.runs import (CHECKPOINT, FINISHED, METRIC_COLUMNS, NAME_PATTERN, REQUIRED_SUMMARY_KEYS,
@@ -36,6 +36,6 @@ from normbench.results.sweeps import read_sweeps, record_sweep
 __all__ = ["adopt_legacy", "legacy_summary", "CHECKPOINT", "FINISHED", "LOCKS", "METRIC_COLUMNS", "NAME_PATTERN", "REQUIRED_SUMMARY_KEYS",
            "TEMP_SUFFIX", "Busy", "ResultsError", "atomic_write", "check_run_folder", "check_writable", "clean_finished", "damaged_result", "keep_damaged_aside",
            "experiment_dir", "file_mode", "git_sha", "inside", "is_locked", "load_checkpoint", "read_metrics",
-           "read_summary", "read_sweeps", "record_sweep", "remove_checkpoint", "remove_stale_temp_files",
+           "read_regular", "read_summary", "read_sweeps", "record_sweep", "remove_checkpoint", "remove_stale_temp_files",
            "report_lock", "results_root", "run_dir", "run_lock", "save_checkpoint", "scan", "sound", "summary_problem",
            "versions", "write_config", "write_figure", "write_metrics", "write_summary", "write_table"]

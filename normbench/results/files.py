@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,19 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TEMP_SUFFIX = ".normbench-tmp"
+
+
+def read_regular(path: Path) -> bytes:
+    """A file's bytes, refused (OSError) unless it is a regular file: a FIFO in a result's place would block
+    the reader for ever, a device never end. Opened without blocking, then checked, then read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            return stream.read()
+    finally:
+        os.close(fd)
 
 
 def file_mode() -> int:

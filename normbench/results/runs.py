@@ -17,7 +17,8 @@ import yaml
 
 from normbench.config import Config, dict_hash, legacy_run_id, run_id, to_dict
 from normbench.errors import ResultsError, UserError
-from normbench.results.files import TEMP_SUFFIX, atomic_write, inside, numbered_aside, remove_stale_temp_files
+from normbench.results.files import (TEMP_SUFFIX, atomic_write, inside, numbered_aside, read_regular,
+                                     remove_stale_temp_files)
 from normbench.results.locks import Busy, is_locked, run_lock
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def write_summary(folder: Path, summary: dict) -> None:
 def read_summary(folder: Path) -> dict | None:
     """The run's summary, or None when it is missing, unreadable or not a JSON object."""
     try:
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = json.loads(read_regular(folder / "summary.json").decode())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     return summary if isinstance(summary, dict) else None
@@ -130,9 +131,7 @@ def read_metrics(folder: Path) -> pd.DataFrame:
     goes through `pd.read_csv`, so a damaged file is read, or refused, just as before."""
     import pandas as pd
 
-    path = folder / "metrics.csv"
-    with open(path, newline="") as stream:
-        text = stream.read()
+    text = read_regular(folder / "metrics.csv").decode()
     frame = _plain_metrics(text)
     return frame if frame is not None else pd.read_csv(io.StringIO(text))
 
@@ -307,12 +306,11 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
 def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
     """Read every run folder of an experiment: (summaries, metrics per run id, warnings).
 
-    Runs still going or interrupted (status running) are left out. A folder whose files are missing,
-    unreadable or inconsistent is skipped with a warning naming it. Leftovers of a kill beside a finished
-    run (a checkpoint, temp files) are removed on the way.
+    Runs still going or interrupted (status running) are left out. A folder whose summary is missing,
+    unreadable or inconsistent is skipped with a warning naming it; a finished run whose metrics.csv is
+    damaged stays, without its training curve, with a warning. Leftovers of a kill beside a finished run
+    (a checkpoint, temp files) are removed on the way.
     """
-    import pandas as pd
-
     summaries, curves, warnings = [], {}, []
     for folder in _run_folders(experiment, warnings):
         try:
@@ -330,17 +328,9 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
             continue
         if summary["status"] not in FINISHED:
             continue
-        try:
-            metrics = read_metrics(folder) if summary["status"] != "failed" else pd.DataFrame(columns=METRIC_COLUMNS)
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            warnings.append(f"skipped {folder}: metrics.csv unreadable ({e})")
-            continue
-        if list(metrics.columns) != METRIC_COLUMNS:
-            warnings.append(f"skipped {folder}: metrics.csv has columns {list(metrics.columns)}")
-            continue
-        if len(metrics) and not all(pd.api.types.is_numeric_dtype(kind) for kind in metrics.dtypes):
-            warnings.append(f"skipped {folder}: metrics.csv holds values that are not numbers")
-            continue
+        metrics, damage = _curve(folder, summary)
+        if damage:  # the result is its summary's: the run stays in every table, without its training curve
+            warnings.append(f"{folder}: {damage}; its training curve is left out (its final result is used)")
         clean_finished(folder, summary)
         summaries.append(summary)
         try:
@@ -349,8 +339,32 @@ def scan(experiment: Path) -> tuple[list[dict], dict[str, pd.DataFrame], list[st
                                 "written there")
         except OSError:
             pass
-        curves[summary["run_id"]] = metrics
+        if metrics is not None:
+            curves[summary["run_id"]] = metrics
     return summaries, curves, warnings
+
+
+def _curve(folder: Path, summary: dict) -> tuple[pd.DataFrame | None, str | None]:
+    """A finished run's metrics.csv, or None and why it cannot be used."""
+    import pandas as pd
+
+    if summary["status"] == "failed":
+        return pd.DataFrame(columns=METRIC_COLUMNS), None
+    try:
+        metrics = read_metrics(folder)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return None, f"metrics.csv unreadable ({_short(e)})"
+    if list(metrics.columns) != METRIC_COLUMNS:
+        return None, f"metrics.csv has {len(metrics.columns)} columns, not normbench's {len(METRIC_COLUMNS)}"
+    if len(metrics) and not all(pd.api.types.is_numeric_dtype(kind) for kind in metrics.dtypes):
+        return None, "metrics.csv holds values that are not numbers"
+    return metrics, None
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+    """The reason of an error in one short line ('No such file or directory', not errno and path)."""
+    text = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
@@ -370,7 +384,7 @@ def load_checkpoint(folder: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(read_regular(path)), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged checkpoint means: start the run again
         return None
     return state if isinstance(state, dict) else None

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from normbench.errors import ResultsError
-from normbench.results.files import atomic_write, numbered_aside
+from normbench.results.files import atomic_write, numbered_aside, read_regular
 from normbench.results.locks import report_lock
 
 
@@ -14,7 +14,7 @@ def read_sweeps(experiment: Path, warnings: list[str] | None = None) -> list[dic
     """The sweeps recorded in <experiment>/sweeps.json; a damaged file gives a warning and no entries."""
     path = experiment / "sweeps.json"
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(read_regular(path).decode())
     except FileNotFoundError:
         return []
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
