@@ -247,6 +247,8 @@ def test_a_damaged_summary_never_crashes_and_never_blocks_the_run(results_dir, c
     (lambda s: s.update(wall_seconds="slow"), "malformed 'wall_seconds'"),
     (lambda s: s.update(shifts={"contrast:0.5": "x"}), "malformed 'shifts'"),
     (lambda s: s.update(status="Completed"), "unknown status 'Completed'"),
+    (lambda s: s["final"].update(test_acc=1e9), "accuracy outside 0-100% (final.test_acc = 1e+09"),
+    (lambda s: s.update(best_test_acc=-3.0), "accuracy outside 0-100% (best_test_acc = -3"),
 ])
 def test_a_hand_edited_summary_is_skipped_with_a_warning_and_trained_again_beside_it(results_dir, edit, why):
     overrides, folder = finished(results_dir)

@@ -228,6 +228,12 @@ def summary_problem(summary: dict, folder: Path) -> str | None:
     for key in ("epochs", "steps", "wall_seconds", "best_test_acc", "effective_lr"):
         if not isinstance(summary.get(key), _NUMBER_OR_NONE) or isinstance(summary.get(key), bool):
             return f"summary.json has a malformed {key!r}"
+    accuracies = {**{f"final.{k}": v for k, v in (final or {}).items()}, "best_test_acc": summary.get("best_test_acc"),
+                  **{f"shifts.{s}.{k}": v for s, values in shifts.items() for k, v in values.items()}}
+    for key, value in accuracies.items():  # percentages; NaN where a run diverged
+        if ("acc" in key.rsplit(".", 1)[-1] and isinstance(value, (int, float)) and not math.isnan(value)
+                and not 0 <= value <= 100):
+            return f"summary.json has an accuracy outside 0-100% ({key} = {value:.6g}; edited by hand?)"
     return None
 
 
