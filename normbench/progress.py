@@ -78,7 +78,10 @@ class EpochProgress(Progress):
                            f"loss {loss:.4f}")
 
     def resumed(self, epochs_done: int, epochs: int) -> None:
-        self.out.print(f"{self.label}resuming from its checkpoint at epoch {epochs_done + 1}/{epochs}")
+        if epochs_done >= epochs:  # killed after its last epoch, before its summary was written
+            self.out.print(f"{self.label}finishing from its checkpoint after its last epoch ({epochs_done}/{epochs})")
+        else:
+            self.out.print(f"{self.label}resuming from its checkpoint at epoch {epochs_done + 1}/{epochs}")
 
     def epoch_end(self, r: EpochRecord) -> None:
         line = (f"{self.label}epoch {r.epoch}/{self.epochs}  train_loss {r.train_loss:.4f}  "

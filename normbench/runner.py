@@ -320,7 +320,7 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
     progress.run_start(run_id(cfg), cfg.epochs, cfg.batch_size)
     if resume is not None:
         progress.resumed(resume["epoch"], cfg.epochs)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (resume["seconds"] if resume else 0.0)  # wall time counts the earlier processes' epochs
     fitted = None
 
     def checkpoint(state: dict) -> None:

@@ -124,3 +124,16 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_again(
     monkeypatch.setattr(normbench.train, "train_one_epoch", lambda *a, **k: epochs.append(1) or real(*a, **k))
     after = runner.execute(cfg).summary
     assert epochs == [] and after["status"] == "completed" and after["final"] == before["final"]
+    # its wall time is the training's (in the checkpoint), not the moment this process took to finish it
+    state = torch.load(folder / results.CHECKPOINT, weights_only=True)
+    assert after["wall_seconds"] >= state["seconds"] > 0
+
+
+def test_a_resumed_runs_wall_time_counts_the_epochs_of_the_process_before(tmp_path):
+    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(cfg, StopAfter(1))
+    path = results.run_dir(cfg) / results.CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "seconds": 1000.0}, path)  # the first process trained its epoch for 1000 s
+    assert runner.execute(cfg).summary["wall_seconds"] >= 1000.0
