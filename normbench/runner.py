@@ -296,6 +296,7 @@ def execute(cfg: Config, progress: Progress | None = None, *, replace: bool | tu
             kept = (f"{folder}: its summary.json cannot be trusted ({why}); the folder is kept aside as "
                     f"{results.keep_damaged_aside(folder)}, and the run trains afresh")
         target = _aside(folder, "attempt") if done is not None else folder
+        results.check_writable(target)  # an interrupted run's read-only folder: refused before, not after, an epoch
         summary = _train(cfg, target, data, model, device, progress)
         if target != folder:
             _replace(folder, target)

@@ -501,6 +501,15 @@ def test_a_run_folder_linked_to_another_runs_folder_never_overwrites_it(results_
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
+def test_a_run_folder_that_cannot_be_read_is_one_line(results_dir, monkeypatch):
+    """chmod 000 on a run's folder (as a user who is not root): `run` is one line, a sweep lists the job as invalid."""
+    overrides, folder = finished(results_dir)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != folder and real_access(path, mode, **kw))
+    one_error_line(invoke("run", *overrides), f"cannot read the run folder {folder}: Permission denied")
+    assert sweep.plan(overrides)[0].state == "invalid"
+
+
 def test_keeping_a_damaged_folder_aside_never_replaces_anything(tmp_path):
     folder = tmp_path / "mlp-bn-b8-s0-abc"
     folder.mkdir()

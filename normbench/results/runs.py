@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -61,6 +62,8 @@ def check_run_folder(folder: Path) -> None:
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise UserError(f"cannot write results to {folder}: something that is not a folder is in the run "
                         "folder's place; move it away")
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        raise UserError(f"cannot read the run folder {folder}: Permission denied (its own permissions)")
 
 
 def adopt_legacy(cfg: Config, folder: Path, holding_lock: bool = False) -> bool:
