@@ -135,7 +135,7 @@ class Workers:
             outcome = future.result()
         except CancelledError:
             outcome = {"run_id": run_id(self.offered[i].cfg), "status": "new", "error": None, "skipped": True}
-        except Exception as e:  # noqa: BLE001 - a worker that died (out of memory, killed) fails its run
+        except BaseException as e:  # noqa: BLE001 - a worker that died (out of memory, killed, Ctrl-C) fails its run
             outcome = {"run_id": run_id(self.offered[i].cfg), "status": "failed",
                        "error": f"its worker process died ({type(e).__name__}); run the sweep again to resume it"}
         with self.changed:
