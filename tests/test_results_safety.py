@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -100,6 +101,13 @@ def test_a_kill_between_the_two_renames_of_a_replacement_is_mended(results_dir):
     overrides, folder = finished(results_dir)
     replaced = folder.with_name(f".{folder.name}.replaced")
     folder.rename(replaced)  # the moment after the first rename
+    shutil.copytree(replaced, folder.with_name(f".{folder.name}.attempt"))  # and the attempt still beside it
+    _, _, warnings = results.scan(folder.parent)  # a report before it is mended says where the result is
+    assert sorted(warnings) == sorted([
+        f"{folder.with_name(f'.{folder.name}.attempt')}: a --force attempt at run {folder.name}, under way or "
+        "interrupted: the next `normbench run` or sweep of that config finishes it",
+        f"{replaced}: the result of run {folder.name}, set aside by a --force replacement that was interrupted; "
+        "left out of this report: the next `normbench run` or sweep of that config finishes it"])
     result = invoke("run", *overrides)
     assert result.exit_code == 0 and "already finished" in result.output
     assert folder.is_dir() and not replaced.exists()

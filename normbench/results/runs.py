@@ -247,6 +247,7 @@ def sound(summary: dict | None, folder: Path, expected_hash: str) -> bool:
 
 
 DAMAGED = re.compile(r"^\.(.+)\.damaged-\d+$")  # .<run_id>.damaged-N: a damaged result kept aside
+ASIDE = re.compile(r"^\.(.+)\.(attempt|replaced)$")  # runner._aside: a --force replacement under way or interrupted
 
 
 def damaged_result(folder: Path) -> str | None:
@@ -299,10 +300,18 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
         warnings.append(f"skipped {experiment}: cannot read it ({e.strerror or e})")
         return []
     folders = []
+    names = {p.name for p in entries}
     for p in entries:
         if damaged := DAMAGED.match(p.name):
             warnings.append(f"{p}: the damaged result of run {damaged.group(1)}, kept aside when "
                             "the run was trained again; remove it once you no longer need it")
+            continue
+        if (aside := ASIDE.match(p.name)) and (aside.group(2) == "attempt" or aside.group(1) not in names):
+            rid = aside.group(1)
+            what = (f"a --force attempt at run {rid}, under way or interrupted" if aside.group(2) == "attempt" else
+                    f"the result of run {rid}, set aside by a --force replacement that was interrupted; left out "
+                    "of this report")
+            warnings.append(f"{p}: {what}: the next `normbench run` or sweep of that config finishes it")
             continue
         try:
             if p.is_dir() and not p.name.startswith("."):
