@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -229,7 +230,7 @@ def test_two_identical_sweeps_at_once_train_every_run_once(results_dir):
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    trained = [int(out.rsplit("; trained ", 1)[1].split()[0]) for out in outputs]
+    trained = [int(re.search(r"; trained (\d+)", out).group(1)) for out in outputs]
     assert sum(trained) == 6, outputs
     summaries, _, warnings = results.scan(results_dir / "default")
     assert len(summaries) == 6 and {s["status"] for s in summaries} == {"completed"} and not warnings

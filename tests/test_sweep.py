@@ -693,3 +693,15 @@ def test_the_recorded_command_runs_the_sweep_again_as_typed(tmp_path):
     recorded = json.loads((tmp_path / "default" / "sweeps.json").read_text())[-1]["command"]
     words = shlex.split(recorded)  # 'seed=range(2)' quoted for the shell, every option kept
     assert words[:2] == ["normbench", "sweep"] and sorted(words[2:]) == sorted(args)
+
+
+def test_the_closing_line_says_what_became_of_the_runs_planned_to_train():
+    from types import SimpleNamespace
+
+    from normbench.cli.sweeps import _what_happened
+
+    outcome = SimpleNamespace(trained=3, outcomes=[
+        {"status": "completed"}, {"status": "failed"}, {"status": "diverged"},
+        {"status": "completed", "skipped": True}, {"status": "busy", "skipped": True}])
+    assert _what_happened(outcome) == "trained 2, 1 failed, 1 finished by another process meanwhile"
+    assert _what_happened(SimpleNamespace(trained=2, outcomes=[{"status": "completed"}] * 2)) == "trained 2"

@@ -77,6 +77,16 @@ def _counts(planned, retry_failed: bool) -> str:
             + (f", {repeats} the same run as an earlier job" if repeats else ""))
 
 
+def _what_happened(outcome) -> str:
+    """'trained 4', and what else became of the runs planned to train: failed, or finished by another process."""
+    from normbench import results
+
+    failed = sum(1 for o in outcome.outcomes if not o.get("skipped") and o["status"] == "failed")
+    elsewhere = sum(1 for o in outcome.outcomes if o.get("skipped") and o["status"] in results.FINISHED)
+    return (f"trained {outcome.trained - failed}" + (f", {failed} failed" if failed else "")
+            + (f", {elsewhere} finished by another process meanwhile" if elsewhere else ""))
+
+
 @app.command()
 def sweep(
     overrides: Overrides = None,
@@ -134,7 +144,7 @@ def sweep(
             _print_report(rep, path)
     _print_duplicates(outcome.planned)
     console.print(_counts(outcome.planned, retry_failed).replace("to train", "planned to train")
-                  + f"; trained {outcome.trained} in {outcome.seconds:.0f} s")
+                  + f"; {_what_happened(outcome)} in {outcome.seconds:.0f} s")
     if outcome.failures:
         print_failures(outcome.failures)
         raise typer.Exit(1)
