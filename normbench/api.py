@@ -145,9 +145,11 @@ def load(folder: str | Path, *, plugins: Sequence[str] = ()) -> Results:
     from normbench.plugins import load as load_plugins
 
     load_plugins(plugins)
+    if not isinstance(folder, (str, Path)):
+        raise UserError(f"load takes the path of an experiment folder (results/NAME), got {folder!r}")
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
+        raise UserError(f"no folder at {folder}" if not folder.exists() else f"{folder} is not a folder")
     return _results(report.build(folder))
 
 

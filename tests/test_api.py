@@ -98,3 +98,29 @@ def test_a_sweep_over_a_setting_outside_the_run_id_says_so_in_its_warnings(tmp_p
     assert result.planned == 2 and result.trained == 1 and len(result.runs) == 1
     assert result.warnings == ["threads=2 is the same run as threads=1 (threads is not part of the run id): "
                                "trained once"]
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda tmp: normbench.run({"norm": ["bn", "ln"], "data": "synthetic", "results_dir": str(tmp)}),
+     "norm takes one name, not a list; to train several, sweep them"),
+    (lambda tmp: normbench.sweep({"data": "synthetic", "results_dir": str(tmp)}, jobs="2"),
+     "--jobs must be a whole number, at least 1, got '2'"),
+    (lambda tmp: normbench.load(123), "load takes the path of an experiment folder"),
+    (lambda tmp: normbench.load(None), "load takes the path of an experiment folder"),
+    (lambda tmp: normbench.load(tmp / "nothing"), "no folder at"),
+    (lambda tmp: normbench.load(Path(__file__)), "is not a folder"),
+], ids=["list-for-a-group", "jobs-as-text", "load-int", "load-none", "load-missing", "load-file"])
+def test_wrong_arguments_are_user_errors(tmp_path, call, needle):
+    with pytest.raises(normbench.UserError, match=re.escape(needle)):
+        call(tmp_path)
+
+
+def test_load_plugins_takes_one_path_as_well_as_a_list(tmp_path):
+    plugin = tmp_path / "oneplug.py"
+    plugin.write_text("import normbench\nfrom torch import nn\n"
+                      "normbench.register_norm('onenorm', lambda c, kind, options: nn.Identity())\n")
+    try:
+        normbench.load_plugins(str(plugin))
+        assert "onenorm" in normbench.config.SCHEMAS["norm"]
+    finally:
+        plugins.reset()

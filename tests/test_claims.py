@@ -242,4 +242,4 @@ def test_every_claim_composes_at_paper_scale(tmp_path):
 @pytest.mark.parametrize("jobs", ["0", "-3"])
 def test_jobs_below_one_is_one_line(command, jobs, tmp_path):
     result = CliRunner().invoke(app, [command, "data=synthetic", f"results_dir={tmp_path}", "--jobs", jobs])
-    assert result.exit_code == 2 and result.output == f"error: --jobs must be at least 1, got {jobs}\n"
+    assert result.exit_code == 2 and result.output == f"error: --jobs must be a whole number, at least 1, got {jobs}\n"

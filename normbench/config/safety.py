@@ -15,6 +15,7 @@ from hydra.core.override_parser.types import ChoiceSweep
 from hydra.errors import HydraException
 
 from normbench.config.messages import _parse_problem, _shown, clean_hydra_error
+from normbench.config.schemas import GROUPS
 from normbench.errors import UserError
 
 
@@ -96,6 +97,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if not override.key_or_group:
             raise UserError(f"cannot parse {where}: no key before '=' (KEY=VALUE)")
         _check_value(where, _names(override.key_or_group) + _names(override.package or ""), override.value())
+        if override.key_or_group in (*GROUPS, "experiment") and isinstance(override.value(), list):
+            group = override.key_or_group
+            raise UserError(f"{where}: {group} takes one name, not a list; to train several, sweep them: "
+                            f"normbench sweep {group}=a,b (in Python: normbench.sweep({{'{group}': ['a', 'b']}}))")
 
 
 def _user_yaml_files(root: Path):

@@ -241,6 +241,8 @@ def load(specs: Iterable[str] = (), entry_points: bool = True) -> None:
     """Load installed plugins (entry points), those named in NORMBENCH_PLUGINS and `specs` (a .py path or
     a module name each), each once per process; then NORMBENCH_PLUGINS names every plugin loaded, so the
     processes this one starts load the same. Any error is one `UserError` line naming the plugin."""
+    if isinstance(specs, (str, os.PathLike)):  # one plugin, not the characters of its path
+        specs = [specs]
     if entry_points:
         _load_entry_points()
     for spec in [*env_specs(), *specs]:

@@ -89,8 +89,8 @@ def _available_memory_gb() -> float | None:
 
 def capped_jobs(jobs: int) -> tuple[int, str | None]:
     """`jobs`, capped by the cores and by the memory available for workers; a note says why when capped."""
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise UserError(f"--jobs must be a whole number, at least 1, got {jobs!r}")
     limits = {"cores": cpu_cores()}
     memory = _available_memory_gb()
     if memory is not None:
