@@ -408,3 +408,16 @@ def test_a_run_whose_plugin_fails_in_training_is_one_line_and_exit_1(tmp_path, m
     summary = json.loads(next((tmp_path / "r" / "default").glob("*/summary.json")).read_text())
     assert summary["status"] == "failed" and "late failure" in summary["traceback"]
     assert 'faulty.py", line' in summary["traceback"]  # the innermost frames: the plugin's own line
+
+
+def test_plugin_files_that_would_share_a_module_and_a_folder_are_one_line(tmp_path):
+    """a-b.py and a_b.py are imported under one module name (one would replace the other's classes); a folder
+    named like a plugin is not a file."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = write(tmp_path / "one", "import normbench\n", "a-b.py")
+    second = write(tmp_path / "two", "import normbench\n", "a_b.py")
+    one_error_line(cli("list", "--plugin", first, "--plugin", second), "a plugin of the same name is loaded already")
+    plugins.reset()
+    (tmp_path / "adir.py").mkdir()
+    one_error_line(cli("list", "--plugin", tmp_path / "adir.py"), "a folder; a plugin is a .py file")

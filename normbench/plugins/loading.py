@@ -165,12 +165,16 @@ def _load_file(spec: str) -> None:
     key = str(path)
     if key in _loaded:
         return
+    if path.is_dir():
+        raise UserError(f"plugin {spec}: a folder; a plugin is a .py file or an installed module")
     if not path.is_file():
         raise UserError(f"plugin {spec}: no such file")
     if path.suffix != ".py":
         raise UserError(f"plugin {spec}: a plugin file is Python source ending in .py")
     module_name = file_module(path.stem)
-    other = next((k for k, p in _loaded.items() if p.plugin == path.stem and k != key), None)
+    # a-b.py and a_b.py would be one module: one would replace the other's classes
+    other = next((k for k, p in _loaded.items()
+                  if k != key and k.endswith(".py") and file_module(p.plugin) == module_name), None)
     if other is not None:
         raise UserError(f"plugin {spec}: a plugin of the same name is loaded already ({other}); rename one")
     provenance = Provenance(path.stem, _files_digest([path]), key)
