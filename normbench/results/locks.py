@@ -42,7 +42,8 @@ def _lock(path: Path, wait: bool, busy):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ResultsError(f"cannot write results to {path.parent.parent}: {e.strerror or e}") from e
+        raise ResultsError(f"cannot write results to {path.parent.parent}: cannot make its lock folder {path.parent}: "
+                           f"{e.strerror or e}") from e
     lock = FileLock(path, mode=file_mode())
     try:
         lock.acquire(timeout=-1 if wait else 0)
