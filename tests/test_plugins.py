@@ -173,6 +173,17 @@ def test_a_plugin_norm_that_crashes_fails_the_check_with_exit_1(tmp_path):
     assert result.exit_code == 1 and "fail" in result.output and "ValueError: boom" in result.output
 
 
+def test_a_norm_that_gives_nan_fails_only_the_finite_check(tmp_path):
+    """NaN is not equal to NaN: a deterministic NaN-producing norm failed 'deterministic' and 'state_dict' too."""
+    from normbench import conformance
+
+    nan = PLUGIN.replace("return x / (", "return x * float('nan') + 0 * x / (")
+    plugins.load([write(tmp_path, nan)])
+    results = conformance.norm_on_kind("scale", "flat").results
+    assert results["finite"].status == "fail"
+    assert results["deterministic"].status == "ok" and results["state_dict"].status == "ok"
+
+
 def test_check_measures_the_example_as_batch_dependent_and_the_plugin_as_not(tmp_path):
     from normbench import conformance
 
