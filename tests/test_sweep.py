@@ -431,7 +431,7 @@ def test_cli_sweep_reports_failures_with_a_nonzero_exit(tmp_path, ln_fails, monk
     ln_id = next(p.name for p in run_folders(tmp_path / "default") if "-ln-" in p.name)
     assert "without a result (failed or invalid): 1" in result.output
     assert f"{ln_id}: RuntimeError: injected failure in ln" in result.output
-    assert "trained 2" in result.output
+    assert "trained 1, 1 failed" in result.output  # a failed run is not counted as trained
     experiment = tmp_path / "default"
     assert (experiment / "report.md").is_file()  # the report is still built from the run that worked
     assert json.loads((experiment / "sweeps.json").read_text())[-1]["failed"] == 1
