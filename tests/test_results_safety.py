@@ -96,8 +96,8 @@ def test_sigkill_of_a_forced_rerun_keeps_the_finished_result(results_dir):
     assert tree(folder) == before
     summaries, _, warnings = results.scan(folder.parent)
     assert [s["run_id"] for s in summaries] == [folder.name]
-    assert warnings == [f"{attempt}: a --force attempt at run {folder.name}, under way or interrupted: the next "
-                        "`normbench run` or sweep of that config finishes it"]
+    assert warnings == [f"{attempt}: a new attempt (--force, --retry-failed) at run {folder.name}, under way or "
+                        "interrupted: the next `normbench run` or sweep of that config finishes it"]
 
 
 def test_a_kill_between_the_two_renames_of_a_replacement_is_mended(results_dir):
@@ -106,11 +106,12 @@ def test_a_kill_between_the_two_renames_of_a_replacement_is_mended(results_dir):
     folder.rename(replaced)  # the moment after the first rename
     shutil.copytree(replaced, folder.with_name(f".{folder.name}.attempt"))  # and the attempt still beside it
     _, _, warnings = results.scan(folder.parent)  # a report before it is mended says where the result is
+    finishes = "the next `normbench run` or sweep of that config finishes it"
     assert sorted(warnings) == sorted([
-        f"{folder.with_name(f'.{folder.name}.attempt')}: a --force attempt at run {folder.name}, under way or "
-        "interrupted: the next `normbench run` or sweep of that config finishes it",
-        f"{replaced}: the result of run {folder.name}, set aside by a --force replacement that was interrupted; "
-        "left out of this report: the next `normbench run` or sweep of that config finishes it"])
+        f"{folder.with_name(f'.{folder.name}.attempt')}: a new attempt (--force, --retry-failed) at run "
+        f"{folder.name}, under way or interrupted: {finishes}",
+        f"{replaced}: the result of run {folder.name}, set aside by a replacement (--force, --retry-failed) that "
+        f"was interrupted; left out of this report: {finishes}"])
     result = invoke("run", *overrides)
     assert result.exit_code == 0 and "already finished" in result.output
     assert folder.is_dir() and not replaced.exists()

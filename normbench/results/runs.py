@@ -308,9 +308,11 @@ def _run_folders(experiment: Path, warnings: list[str]) -> list[Path]:
             continue
         if (aside := ASIDE.match(p.name)) and (aside.group(2) == "attempt" or aside.group(1) not in names):
             rid = aside.group(1)
-            what = (f"a --force attempt at run {rid}, under way or interrupted" if aside.group(2) == "attempt" else
-                    f"the result of run {rid}, set aside by a --force replacement that was interrupted; left out "
-                    "of this report")
+            if aside.group(2) == "attempt":
+                what = f"a new attempt (--force, --retry-failed) at run {rid}, under way or interrupted"
+            else:
+                what = (f"the result of run {rid}, set aside by a replacement (--force, --retry-failed) that was "
+                        "interrupted; left out of this report")
             warnings.append(f"{p}: {what}: the next `normbench run` or sweep of that config finishes it")
             continue
         try:
