@@ -432,3 +432,24 @@ def test_plugin_files_that_would_share_a_module_and_a_folder_are_one_line(tmp_pa
     plugins.reset()
     (tmp_path / "adir.py").mkdir()
     one_error_line(cli("list", "--plugin", tmp_path / "adir.py"), "a folder; a plugin is a .py file")
+
+
+def test_redefining_an_in_process_norms_module_without_registering_again_changes_its_runs():
+    """A notebook: the cell defining the module is run again after an edit, the cell registering the builder is
+    not; the builder now returns the new module, so the run id must change."""
+    import types
+
+    from normbench.plugins.entries import provenance_record
+
+    notebook = types.ModuleType("user_notebook")
+    exec(compile("import torch\nimport normbench\n"
+                 "class Center(torch.nn.Module):\n    def forward(self, x):\n        return x - x.mean()\n"
+                 "normbench.register_norm('center', lambda c, kind, options: Center())\n", "<cell>", "exec"),
+         notebook.__dict__)
+    first = provenance_record("norm", "center")
+    assert provenance_record("norm", "center") == first
+    before = run_id(compose([*TINY_DATA, "norm=center"]))
+    exec(compile("class Center(torch.nn.Module):\n    def forward(self, x):\n        return 0 * x\n", "<cell>", "exec"),
+         notebook.__dict__)
+    assert provenance_record("norm", "center") != first
+    assert run_id(compose([*TINY_DATA, "norm=center"])) != before

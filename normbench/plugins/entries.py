@@ -194,4 +194,10 @@ def forget(group: str, name: str) -> None:
 def provenance_record(group: str, name: str) -> dict | None:
     """What a run records of the plugin code behind its `group` choice `name`: None for built-in entries."""
     e = ENTRIES.get((group, name))
-    return e.provenance.record() if e else None
+    if e is None:
+        return None
+    if e.provenance.spec is None:  # registered in this process: hashed now, so that a class redefined since
+        from normbench.plugins.loading import in_process  # (a notebook cell run again) counts
+
+        return in_process(e.build, e.options).record()
+    return e.provenance.record()

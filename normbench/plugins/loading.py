@@ -74,7 +74,19 @@ def in_process(*objects) -> Provenance:
     hand (python -c, exec, some notebooks)."""
     module = next((getattr(o, "__module__", None) for o in objects if o is not None), None) or "__main__"
     used = _used_from(module, [o for o in objects if o is not None])
-    return Provenance(module, _digest(_code_text(obj) for obj in used))
+    return Provenance(module, _digest(_known_text(obj) for obj in used))
+
+
+_texts: dict[int, tuple[object, bytes]] = {}  # id -> (the object, kept so its id stays its own; its code text)
+
+
+def _known_text(obj) -> bytes:
+    """`_code_text`, read once per object: run ids are computed for every job of a sweep, and an object
+    defined again (a notebook cell run again) is a new object, read anew."""
+    known = _texts.get(id(obj))
+    if known is None or known[0] is not obj:
+        known = _texts[id(obj)] = (obj, _code_text(obj))
+    return known[1]
 
 
 def _used_from(module: str, roots: list) -> list:
@@ -96,7 +108,7 @@ def _used_from(module: str, roots: list) -> list:
                 value = function.__globals__.get(name)
                 if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == module:
                     todo.append(value)
-    return sorted(found.values(), key=lambda o: (getattr(o, "__qualname__", ""), _code_text(o)))
+    return sorted(found.values(), key=lambda o: (getattr(o, "__qualname__", ""), _known_text(o)))
 
 
 def _global_names(code) -> set[str]:
