@@ -696,12 +696,11 @@ def test_the_recorded_command_runs_the_sweep_again_as_typed(tmp_path):
 
 
 def test_the_closing_line_says_what_became_of_the_runs_planned_to_train():
-    from types import SimpleNamespace
-
     from normbench.cli.sweeps import _what_happened
 
-    outcome = SimpleNamespace(trained=3, outcomes=[
+    outcome = sweep.SweepOutcome([], outcomes=[
         {"status": "completed"}, {"status": "failed"}, {"status": "diverged"},
         {"status": "completed", "skipped": True}, {"status": "busy", "skipped": True}])
+    assert (outcome.trained, outcome.failed_now, outcome.finished_elsewhere) == (3, 1, 1)
     assert _what_happened(outcome) == "trained 2, 1 failed, 1 finished by another process meanwhile"
-    assert _what_happened(SimpleNamespace(trained=2, outcomes=[{"status": "completed"}] * 2)) == "trained 2"
+    assert _what_happened(sweep.SweepOutcome([], outcomes=[{"status": "completed"}] * 2)) == "trained 2"

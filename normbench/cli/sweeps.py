@@ -79,12 +79,10 @@ def _counts(planned, retry_failed: bool) -> str:
 
 def _what_happened(outcome) -> str:
     """'trained 4', and what else became of the runs planned to train: failed, or finished by another process."""
-    from normbench import results
-
-    failed = sum(1 for o in outcome.outcomes if not o.get("skipped") and o["status"] == "failed")
-    elsewhere = sum(1 for o in outcome.outcomes if o.get("skipped") and o["status"] in results.FINISHED)
-    return (f"trained {outcome.trained - failed}" + (f", {failed} failed" if failed else "")
-            + (f", {elsewhere} finished by another process meanwhile" if elsewhere else ""))
+    return (f"trained {outcome.trained - outcome.failed_now}"
+            + (f", {outcome.failed_now} failed" if outcome.failed_now else "")
+            + (f", {outcome.finished_elsewhere} finished by another process meanwhile"
+               if outcome.finished_elsewhere else ""))
 
 
 @app.command()

@@ -185,8 +185,8 @@ def _load_file(spec: str) -> None:
         raise UserError(f"plugin {spec}: a plugin file is Python source ending in .py")
     module_name = file_module(path.stem)
     # a-b.py and a_b.py would be one module: one would replace the other's classes
-    other = next((k for k, p in _loaded.items()
-                  if k != key and k.endswith(".py") and file_module(p.plugin) == module_name), None)
+    other = next((k for k, p in _loaded.items() if k != key and (
+        p.plugin == path.stem or k.endswith(".py") and file_module(p.plugin) == module_name)), None)
     if other is not None:
         raise UserError(f"plugin {spec}: a plugin of the same name is loaded already ({other}); rename one")
     provenance = Provenance(path.stem, _files_digest([path]), key)

@@ -25,7 +25,7 @@ def read_regular(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as stream:
+        with open(fd, "rb", closefd=False) as stream:
             return stream.read()
     finally:
         os.close(fd)

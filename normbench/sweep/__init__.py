@@ -50,7 +50,18 @@ class SweepOutcome:
 
     @property
     def trained(self) -> int:
+        """Runs this sweep trained, the failed ones (`failed_now`) included; invalid ones are not."""
         return sum(1 for o in self.outcomes if not o.get("skipped") and o["status"] != "invalid")
+
+    @property
+    def failed_now(self) -> int:
+        """Runs this sweep set out to train whose training failed."""
+        return sum(1 for o in self.outcomes if not o.get("skipped") and o["status"] == "failed")
+
+    @property
+    def finished_elsewhere(self) -> int:
+        """Runs another process finished while this sweep waited to train them."""
+        return sum(1 for o in self.outcomes if o.get("skipped") and o["status"] in results.FINISHED)
 
     @property
     def already_done(self) -> int:
