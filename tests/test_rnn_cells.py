@@ -5,7 +5,9 @@ a cell without one runs PyTorch's fused LSTM/GRU kernel. Both are checked agains
 per-step loop written out below (the implementation every cell ran before the fast paths), and
 against the cell's own step loop (`use_loop`), which stays for hooked or unknown norms: outputs,
 the gradients of every parameter and BN's running averages. In float64 they agree to rounding;
-in float32 to float32 tolerances.
+in float32 to float32 tolerances. Each comparison runs twice: on the C step kernels that a CPU LSTM
+takes where a C compiler is at hand (`normbench/models/rnn/native.py`), and on the PyTorch kernels
+it takes where none is.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from conftest import small_overrides
 from normbench import runner
 from normbench.config import compose
 from normbench.models import build_model, forward_work
-from normbench.models.rnn import NormGRU, NormLSTM
+from normbench.models.rnn import NormGRU, NormLSTM, build, native
 
 NORMS = ["none", "bn", "bn_shared", "ln", "gn"]
 CELLS = ["lstm", "gru"]
@@ -53,6 +55,32 @@ def reference_gru(cell: NormGRU, x: torch.Tensor) -> torch.Tensor:
 
 
 REFERENCE = {"lstm": reference_lstm, "gru": reference_gru}
+
+
+@pytest.fixture(params=["c", "pytorch"])
+def kernels(request, monkeypatch) -> dict:
+    """Which kernels the cells' fast paths run on: the C step kernels (skipped where they cannot be
+    built; tests/test_rnn_native.py requires them wherever there is a compiler), or PyTorch's alone.
+    Counts the LSTM recurrences that went through C."""
+    calls = {"kernels": request.param, "c": 0}
+    if request.param == "pytorch":
+        monkeypatch.setattr(build, "library", lambda: None)
+    elif build.library() is None:
+        pytest.skip(build.status())
+    apply = native.NativeLSTMRecurrence.apply
+
+    def counted(*args):
+        calls["c"] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(native.NativeLSTMRecurrence, "apply", counted)
+    return calls
+
+
+def took_c(kernels: dict, cell: str, norm: str) -> None:
+    """An LSTM with LN, GN or BN inside ran its recurrence in C exactly when C kernels were given."""
+    expected = kernels["kernels"] == "c" and cell == "lstm" and norm != "none"
+    assert (kernels["c"] > 0) == expected, kernels
 
 
 def make_cell(cell: str, norm: str, *extra: str, dtype=torch.float32, seed: int = 0):
@@ -101,20 +129,22 @@ def compare(cell: str, norm: str, *extra: str, dtype, rtol: float, atol: float, 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_fast_paths_equal_the_step_loop_in_float64(cell, norm):
+def test_fast_paths_equal_the_step_loop_in_float64(cell, norm, kernels):
     compare(cell, norm, dtype=torch.float64, rtol=1e-9, atol=1e-11)
+    took_c(kernels, cell, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_fast_paths_equal_the_step_loop_in_float32(cell, norm):
+def test_fast_paths_equal_the_step_loop_in_float32(cell, norm, kernels):
     extra = ["norm.num_groups=2"] if norm == "gn" else []  # groups of 4 values round too coarsely to compare
     compare(cell, norm, *extra, dtype=torch.float32, rtol=1e-4, atol=2e-5)
+    took_c(kernels, cell, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(cell, norm):
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(cell, norm, kernels):
     """retain_graph, or autograd.grad on two losses of one forward: each pass's gradients are the step
     loop's, not the sum of the passes so far."""
     fast = make_cell(cell, norm, dtype=torch.float64)
@@ -133,7 +163,7 @@ def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(cell,
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_recurrent_bn_variants(cell):
+def test_recurrent_bn_variants(cell, kernels):
     """Cumulative running averages (momentum null), no running averages at all, and a sequence longer
     than the per-step rows (its last steps share the last row)."""
     compare(cell, "bn", "norm.momentum=null", dtype=torch.float64, rtol=1e-9, atol=1e-11)

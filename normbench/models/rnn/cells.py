@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench.models.rnn import native
 from normbench.models.rnn.recurrences import GRURecurrence, LSTMRecurrence
 from normbench.models.rnn.step_norms import twin, twin_known
 from normbench.norms import RECURRENT, GroupNorm, NormFactory, StepNorm
@@ -69,6 +70,8 @@ class _NormCell(nn.Module):
         p = F.linear(x, self.w_x.weight)
         gn = self.norm_x.norm
         if isinstance(gn, (GroupNorm, nn.GroupNorm)) and gn.weight is not None and gn.bias is not None:
+            if native.takes(p):
+                return native.NativeGroupNorm.apply(p, gn.weight, gn.bias, gn.num_groups, gn.eps)
             size = p.shape[-1] // gn.num_groups
             v = F.layer_norm(p.view(-1, size), (size,), eps=gn.eps)
             return torch.addcmul(gn.bias, v.view_as(p), gn.weight)
@@ -105,6 +108,9 @@ class NormLSTM(_NormCell):
         """h_T through `LSTMRecurrence`; the gate bias joins norm_h's shift (no pass over the sequence)."""
         norm_h, w_nh, b_nh = twin(self.norm_h, xs)
         norm_c, w_nc, b_nc = twin(self.norm_c, xs[..., :self.hidden_size])
+        if native.usable(xs, norm_h, norm_c):
+            return native.NativeLSTMRecurrence.apply(xs, self.w_h.weight, w_nh, b_nh + self.bias, w_nc, b_nc, norm_h,
+                                                     norm_c)
         return LSTMRecurrence.apply(xs, self.w_h.weight, w_nh, b_nh + self.bias, w_nc, b_nc, norm_h, norm_c)
 
     def _loop(self, xs: torch.Tensor) -> torch.Tensor:

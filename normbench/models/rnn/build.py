@@ -1,0 +1,138 @@
+"""Building and loading the C kernels of `lstm_step.c`.
+
+The C file is compiled with the machine's C compiler (`$CC`, else `cc`) the first time a CPU LSTM
+with LN, GN or recurrent BN in its cell runs (about a second), into `$XDG_CACHE_HOME/normbench/kernels`
+(else `~/.cache/normbench/kernels`), under a name hashed from the source, the compiler, its flags and
+the CPU (it is built for the machine's CPU, -march=native, so a cluster's nodes of different kinds
+each build their own), and loaded through ctypes. Two processes building at once each rename a
+complete library into place. Without a compiler, where the build fails, or with NORMBENCH_NATIVE=0,
+`library()` is None and the cells take the PyTorch recurrences of `recurrences`: the same results to
+rounding, slower. `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("lstm_step.c")
+# -fno-semantic-interposition lets the exported functions' helpers inline (3x on the group norm's backward);
+# -fno-trapping-math lets the gate loops vectorize; nothing here reorders sums or assumes no NaN
+FLAGS = ("-O3", "-fPIC", "-fno-semantic-interposition", "-std=c99", "-fno-math-errno", "-fno-trapping-math")
+TYPES = {torch.float32: "float", torch.float64: "double"}
+_P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {  # argument types of each exported function (lstm_step.c), suffixed _float and _double there
+    "lstm_forward": [_L, _L, *[_P] * 9, _L, _I, _D, *[_P] * 5, _L, _I, _D, *[_P] * 4],
+    "lstm_backward": [_L, _L, *[_P] * 13, _L, _I, *[_P] * 5, _L, _I, *[_P] * 5],
+    "running_update": [_L, _L, _L, *[_P] * 6],
+    "group_norm_forward": [_L, _L, _L, _D, *[_P] * 7],
+    "group_norm_backward": [_L, _L, _L, *[_P] * 9],
+}
+_why_not = "not tried yet"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $XDG_CACHE_HOME/normbench/kernels, else ~/.cache/normbench/kernels."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normbench" / "kernels"
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: a library built on one kind of node of a cluster sharing its home
+    folder must not load on another kind."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: list[str], flags: list[str], target: Path) -> None:
+    """Compile the source once per precision and link both into `target`, written atomically: two
+    processes building at once each rename a complete library into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        objects = []
+        for real in TYPES.values():
+            objects.append(str(Path(tmp) / f"{real}.o"))
+            subprocess.run([*compiler, *flags, "-c", f"-DREAL={real}", str(SOURCE), "-o", objects[-1]], check=True,
+                           capture_output=True, timeout=300)
+        out = Path(tmp) / target.name
+        subprocess.run([*compiler, "-shared", *objects, "-o", str(out), "-lm"], check=True, capture_output=True,
+                       timeout=300)
+        os.replace(out, target)
+
+
+def _open(target: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' arguments; OSError or AttributeError when the
+    file is damaged or not ours."""
+    lib = ctypes.CDLL(str(target))
+    for real in TYPES.values():
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, f"{name}_{real}")
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """The library from the cache, built first where it is missing or does not load: for this CPU, or
+    portable code where the compiler refuses -march=native."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    failure: Exception | None = None
+    for flags in ([*FLAGS, "-march=native"], list(FLAGS)):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, version, *flags, sys.platform,
+                                        platform.machine(), _cpu()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"lstm_step-{key}.so"
+        if target.is_file():
+            try:
+                return _open(target)
+            except (OSError, AttributeError):
+                pass  # damaged (or not this build's): build it again over it
+        try:
+            _build(compiler, flags, target)
+        except subprocess.CalledProcessError as err:
+            failure = err
+            continue
+        return _open(target)
+    raise failure
+
+
+def _off() -> bool:
+    return os.environ.get("NORMBENCH_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (and `status()` says why) where they cannot be."""
+    global _why_not
+    if _off():
+        _why_not = "NORMBENCH_NATIVE=0"
+        return None
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    if not compiler or shutil.which(compiler[0]) is None:
+        _why_not = f"no C compiler: {'$CC' if os.environ.get('CC') else 'cc'} is not on PATH"
+        return None
+    try:
+        return _load(compiler)
+    except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        detail = getattr(err, "stderr", None) or str(err) or type(err).__name__
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        first = detail.strip().splitlines()[0] if detail.strip() else type(err).__name__
+        _why_not = f"building them failed ({first})"
+        return None
+
+
+def status() -> str:
+    """Which kernels a CPU LSTM with a norm in its cell runs on, and why."""
+    return "C step kernels (lstm_step.c)" if library() is not None else f"PyTorch kernels only: {_why_not}"

@@ -1,0 +1,144 @@
+"""Building, caching and falling back from the C step kernels of the recurrent cells.
+
+Their numbers are tested against the step loop in tests/test_rnn_cells.py (the `kernels` fixture);
+here: that they are built wherever a C compiler is (so that those tests do test them), kept in the
+cache and rebuilt when the cached file is damaged, and that a machine without a compiler, with a
+compiler that fails, or with NORMBENCH_NATIVE=0 trains on PyTorch's kernels with one reason given.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import small_overrides, tiny_run_overrides
+from normbench import api
+from normbench.config import compose
+from normbench.models import build_model
+from normbench.models.rnn import build, native
+from normbench.runner import norm_factory
+
+HAVE_CC = shutil.which("cc") is not None
+
+
+@pytest.fixture(autouse=True)
+def fresh_library():
+    """Each test builds or refuses in its own cache folder (conftest gives each test its own
+    XDG_CACHE_HOME); the library's memo would otherwise carry over between tests."""
+    build.library.cache_clear()
+    yield
+    build.library.cache_clear()
+
+
+def lstm(norm: str, dtype=torch.float32):
+    cfg = compose(["data=synthetic", *small_overrides("rnn", norm), "model.cell=lstm"])
+    return build_model(cfg.model, (1, 12, 10), 10, norm_factory(cfg), 0).cell.to(dtype)
+
+
+def through_c(cell, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, int]:
+    calls = []
+    apply = native.NativeLSTMRecurrence.apply
+    monkeypatch.setattr(native.NativeLSTMRecurrence, "apply", lambda *a: calls.append(1) or apply(*a))
+    return cell(x), len(calls)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+def test_kernels_are_built_where_a_compiler_is_and_kept(monkeypatch):
+    assert build.library() is not None, build.status()
+    assert build.status() == "C step kernels (lstm_step.c)"
+    built = sorted(build.cache_dir().glob("lstm_step-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    build.library.cache_clear()
+    monkeypatch.setattr(build, "_build", lambda *a: pytest.fail("built again although it was in the cache"))
+    assert build.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+    assert not [p for p in build.cache_dir().iterdir() if p.name.startswith(".build-")]  # no leftovers
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+def test_a_damaged_cached_library_is_built_again():
+    """In a new process (this one keeps the library it loaded, whatever becomes of the file)."""
+    assert build.library() is not None
+    (target,) = build.cache_dir().glob("lstm_step-*.so")
+    target.unlink()
+    target.write_bytes(b"not a shared library")
+    done = subprocess.run([sys.executable, "-c", "from normbench.models.rnn import build; print(build.status())"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "C step kernels (lstm_step.c)", done.stderr
+    assert target.stat().st_size > 1000
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+def test_two_builds_at_once_both_load():
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build._load(["cc"]))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and all(r is not None for r in results)
+    assert len(list(build.cache_dir().glob("lstm_step-*.so"))) == 1
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"NORMBENCH_NATIVE": "0"}, "NORMBENCH_NATIVE=0"),
+    ({"CC": "no-such-compiler-here"}, "no C compiler: $CC is not on PATH"),
+    ({"CC": "false"}, "building them failed"),
+])
+def test_without_kernels_the_cell_trains_on_pytorch_kernels(monkeypatch, env, why):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if env.get("CC") == "false" and shutil.which("false") is None:
+        pytest.skip("no `false` command")
+    assert build.library() is None
+    assert build.status().startswith("PyTorch kernels only: ") and why in build.status()
+    cell = lstm("gn")
+    x = torch.randn(12, 4, 10)
+    out, calls = through_c(cell, x, monkeypatch)
+    assert calls == 0
+    out.sum().backward()
+    assert all(p.grad is not None for p in cell.parameters())
+    assert not list(build.cache_dir().glob("lstm_step-*.so"))
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_nan_and_infinity_go_through_as_in_pytorch(monkeypatch, norm):
+    """A NaN anywhere in the input makes the output NaN, so that divergence is seen; and the C
+    kernels' sigmoid and tanh saturate at infinity as PyTorch's do."""
+    cell = lstm(norm).train()
+    x = torch.randn(12, 4, 10)
+    x[3, 1, 2] = float("nan")
+    out, calls = through_c(cell, x, monkeypatch)
+    assert calls == 1
+    assert torch.isnan(out).any()
+    lib = build.library()
+    for real, dtype in (("float", torch.float32), ("double", torch.float64)):
+        # one step of batch 2, hidden 1, no norm to speak of (LN over 4 gates, unit affine): the gates'
+        # pre-activations are x, whatever a is
+        x4 = torch.tensor([[float("inf"), float("-inf"), float("inf"), float("-inf")],
+                           [float("nan"), 0.0, 0.0, 0.0]], dtype=dtype)
+        a = torch.zeros(2, 4, dtype=dtype)
+        s, c, tc, h = (torch.empty(2, k, dtype=dtype) for k in (4, 1, 1, 1))
+        stats = [torch.empty(2, dtype=dtype) for _ in range(4)]
+        ones, zeros, buf = torch.ones(4, dtype=dtype), torch.zeros(4, dtype=dtype), torch.empty(8, dtype=dtype)
+        getattr(lib, f"lstm_forward_{real}")(
+            2, 1, a.data_ptr(), x4.data_ptr(), torch.zeros(2, 1, dtype=dtype).data_ptr(), s.data_ptr(), c.data_ptr(),
+            tc.data_ptr(), h.data_ptr(), ones.data_ptr(), zeros.data_ptr(), 1, 0, 1e-5, stats[0].data_ptr(),
+            stats[1].data_ptr(), None, ones.data_ptr(), zeros.data_ptr(), 1, 0, 1e-5, stats[2].data_ptr(),
+            stats[3].data_ptr(), None, buf.data_ptr())
+        assert s[0].tolist() == [1.0, 0.0, 1.0, -1.0]  # sigmoid(inf), sigmoid(-inf), sigmoid(inf), tanh(-inf)
+        assert torch.isnan(s[1, 0]) and torch.isnan(h[1, 0])
+
+
+def test_a_run_records_which_kernels_its_cell_ran_on(results_dir):
+    result = api.run(tiny_run_overrides(results_dir, model="rnn", norm="ln"))
+    assert result.summary["rnn_kernels"] == build.status()
+    other = api.run(tiny_run_overrides(results_dir, model="mlp", norm="ln"))
+    assert "rnn_kernels" not in other.summary
