@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from normbench.config import compose
-from normbench.models.rnn import build
+from normbench.kernels import build
 from normbench.models import build_model
 from normbench.runner import norm_factory
 

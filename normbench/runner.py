@@ -99,7 +99,7 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
            if fitted and fitted.probe_seconds else {}),  # only with probes on: their time, apart from training's
         "wall_seconds": round(seconds, 3), "num_parameters": params, "device": str(device),
         "threads": torch.get_num_threads(),
-        **_rnn_kernels(cfg, device),
+        **_kernels(cfg, device),
         **(_peak_memory_mb(device)), "versions": results.versions(), "git_sha": results.git_sha(),
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")
         if status != "running" else None,
@@ -107,13 +107,14 @@ def summarize(cfg: Config, fitted: FitResult | None, status: str, *, seconds: fl
     }
 
 
-def _rnn_kernels(cfg: Config, device: torch.device) -> dict:
-    """For a recurrent net on CPU, the kernels its cell's norms run on (models/rnn/build.py): C step
-    kernels, or PyTorch's alone where they cannot be built, and why; the two agree to rounding."""
-    if cfg.model.name != "rnn" or device.type != "cpu":
+def _kernels(cfg: Config, device: torch.device) -> dict:
+    """For a CPU run that normbench's C kernels can speed up (a recurrent net; ghost batch norm), which
+    kernels it ran on (normbench/kernels/build.py): C, or PyTorch's alone where they cannot be built,
+    and why. Each step agrees to rounding either way."""
+    if device.type != "cpu" or (cfg.model.name != "rnn" and cfg.norm_batch_size is None):
         return {}
-    from normbench.models.rnn import build
-    return {"rnn_kernels": build.status()}
+    from normbench.kernels import build
+    return {"kernels": build.status()}
 
 
 def _check_batch_fits(cfg: Config, n_train: int) -> None:

@@ -275,3 +275,17 @@ def one_error_line(result, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(params=["c", "pytorch"])
+def kernels(request, monkeypatch) -> str:
+    """Run the test twice: on normbench's C kernels (normbench/kernels; skipped where they cannot be
+    built, and tests/test_rnn_native.py requires them wherever there is a compiler) and on PyTorch's
+    kernels alone, as on a machine without a C compiler."""
+    from normbench.kernels import build
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(build, "library", lambda: None)
+    elif build.library() is None:
+        pytest.skip(build.status())
+    return request.param

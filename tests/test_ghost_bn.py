@@ -1,4 +1,7 @@
-"""Ghost batch norm: BN statistics over sub-batches of norm_batch_size within each SGD batch."""
+"""Ghost batch norm: BN statistics over sub-batches of norm_batch_size within each SGD batch.
+
+The comparisons with plain BN per sub-batch run on normbench's C kernel for flat features and on
+PyTorch's kernels alone (the `kernels` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from normbench.config import compose, config_hash
 from normbench.data import load_data
 from normbench.errors import UserError
 from normbench.models import build_model
+from normbench.norms import ghost as ghost_module
 from normbench.norms import FLAT, RECURRENT, SPATIAL, NormOptions, RecurrentBatchNorm, create_norm, norm_batches
 from normbench.evaluation import evaluate_batch_stats
 from normbench.train import fit
@@ -46,7 +50,10 @@ def run_sub_batches(layer: nn.Module, x: torch.Tensor, kind: str) -> torch.Tenso
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("kind,shared", [(FLAT, False), (SPATIAL, False), (RECURRENT, False), (RECURRENT, True)],
                          ids=["flat", "spatial", "recurrent-per_step", "recurrent-shared"])
-def test_ghost_bn_is_bn_at_batch_nbs_on_each_sub_batch(kind, shared, momentum):
+def test_ghost_bn_is_bn_at_batch_nbs_on_each_sub_batch(kind, shared, momentum, kernels, monkeypatch):
+    calls = []
+    apply = ghost_module._NativeFlatGhostNorm.apply
+    monkeypatch.setattr(ghost_module._NativeFlatGhostNorm, "apply", lambda *a: calls.append(1) or apply(*a))
     opts = NormOptions(momentum=momentum, recurrent_stats="shared" if shared else "per_step")
     ghost = create_norm("bn", C, kind, opts, steps=T).double().train()
     set_affine(ghost)
@@ -66,6 +73,7 @@ def test_ghost_bn_is_bn_at_batch_nbs_on_each_sub_batch(kind, shared, momentum):
     for (name, a), (_, b) in zip(ghost.named_buffers(), plain.named_buffers()):
         torch.testing.assert_close(a, b, msg=name)  # one running-average update per sub-batch
     assert not hasattr(ghost, "norm_batch_size") or ghost.norm_batch_size is None  # off outside the context
+    assert bool(calls) == (kernels == "c" and kind != SPATIAL)  # flat features (and each step's) took C
 
 
 @pytest.mark.parametrize("kind", [FLAT, SPATIAL, RECURRENT])
@@ -165,7 +173,7 @@ def test_norm_batch_preset_composes():
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["weight+bias", "weight", "bias", "none"])
 @pytest.mark.parametrize("kind", [FLAT, SPATIAL])
-def test_ghost_batch_norm_gradients_are_exact(kind, affine):
+def test_ghost_batch_norm_gradients_are_exact(kind, affine, kernels):
     """The flat path's hand-written backward (and the spatial path) against finite differences."""
     from normbench.norms import ghost_batch_norm
 

@@ -21,7 +21,7 @@ from conftest import small_overrides
 from normbench import runner
 from normbench.config import compose
 from normbench.models import build_model, forward_work
-from normbench.models.rnn import NormGRU, NormLSTM, build, native
+from normbench.models.rnn import NormGRU, NormLSTM, native
 
 NORMS = ["none", "bn", "bn_shared", "ln", "gn"]
 CELLS = ["lstm", "gru"]
@@ -57,16 +57,10 @@ def reference_gru(cell: NormGRU, x: torch.Tensor) -> torch.Tensor:
 REFERENCE = {"lstm": reference_lstm, "gru": reference_gru}
 
 
-@pytest.fixture(params=["c", "pytorch"])
-def kernels(request, monkeypatch) -> dict:
-    """Which kernels the cells' fast paths run on: the C step kernels (skipped where they cannot be
-    built; tests/test_rnn_native.py requires them wherever there is a compiler), or PyTorch's alone.
-    Counts the LSTM recurrences that went through C."""
-    calls = {"kernels": request.param, "c": 0}
-    if request.param == "pytorch":
-        monkeypatch.setattr(build, "library", lambda: None)
-    elif build.library() is None:
-        pytest.skip(build.status())
+@pytest.fixture
+def c_calls(kernels, monkeypatch) -> dict:
+    """On each of the `kernels` (conftest.py), counts the LSTM recurrences that went through C."""
+    calls = {"kernels": kernels, "c": 0}
     apply = native.NativeLSTMRecurrence.apply
 
     def counted(*args):
@@ -77,10 +71,10 @@ def kernels(request, monkeypatch) -> dict:
     return calls
 
 
-def took_c(kernels: dict, cell: str, norm: str) -> None:
+def took_c(calls: dict, cell: str, norm: str) -> None:
     """An LSTM with LN, GN or BN inside ran its recurrence in C exactly when C kernels were given."""
-    expected = kernels["kernels"] == "c" and cell == "lstm" and norm != "none"
-    assert (kernels["c"] > 0) == expected, kernels
+    expected = calls["kernels"] == "c" and cell == "lstm" and norm != "none"
+    assert (calls["c"] > 0) == expected, calls
 
 
 def make_cell(cell: str, norm: str, *extra: str, dtype=torch.float32, seed: int = 0):
@@ -129,17 +123,17 @@ def compare(cell: str, norm: str, *extra: str, dtype, rtol: float, atol: float, 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_fast_paths_equal_the_step_loop_in_float64(cell, norm, kernels):
+def test_fast_paths_equal_the_step_loop_in_float64(cell, norm, c_calls):
     compare(cell, norm, dtype=torch.float64, rtol=1e-9, atol=1e-11)
-    took_c(kernels, cell, norm)
+    took_c(c_calls, cell, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_fast_paths_equal_the_step_loop_in_float32(cell, norm, kernels):
+def test_fast_paths_equal_the_step_loop_in_float32(cell, norm, c_calls):
     extra = ["norm.num_groups=2"] if norm == "gn" else []  # groups of 4 values round too coarsely to compare
     compare(cell, norm, *extra, dtype=torch.float32, rtol=1e-4, atol=2e-5)
-    took_c(kernels, cell, norm)
+    took_c(c_calls, cell, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)

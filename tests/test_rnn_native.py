@@ -1,4 +1,5 @@
-"""Building, caching and falling back from the C step kernels of the recurrent cells.
+"""Building, caching and falling back from normbench's C kernels (normbench/kernels), with the
+recurrent cells as their user.
 
 Their numbers are tested against the step loop in tests/test_rnn_cells.py (the `kernels` fixture);
 here: that they are built wherever a C compiler is (so that those tests do test them), kept in the
@@ -20,7 +21,8 @@ from conftest import small_overrides, tiny_run_overrides
 from normbench import api
 from normbench.config import compose
 from normbench.models import build_model
-from normbench.models.rnn import build, native
+from normbench.kernels import build
+from normbench.models.rnn import native
 from normbench.runner import norm_factory
 
 HAVE_CC = shutil.which("cc") is not None
@@ -50,8 +52,8 @@ def through_c(cell, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, int]:
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
 def test_kernels_are_built_where_a_compiler_is_and_kept(monkeypatch):
     assert build.library() is not None, build.status()
-    assert build.status() == "C step kernels (lstm_step.c)"
-    built = sorted(build.cache_dir().glob("lstm_step-*.so"))
+    assert build.status() == "C kernels"
+    built = sorted(build.cache_dir().glob("normbench-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     build.library.cache_clear()
@@ -65,12 +67,12 @@ def test_kernels_are_built_where_a_compiler_is_and_kept(monkeypatch):
 def test_a_damaged_cached_library_is_built_again():
     """In a new process (this one keeps the library it loaded, whatever becomes of the file)."""
     assert build.library() is not None
-    (target,) = build.cache_dir().glob("lstm_step-*.so")
+    (target,) = build.cache_dir().glob("normbench-*.so")
     target.unlink()
     target.write_bytes(b"not a shared library")
-    done = subprocess.run([sys.executable, "-c", "from normbench.models.rnn import build; print(build.status())"],
+    done = subprocess.run([sys.executable, "-c", "from normbench.kernels import build; print(build.status())"],
                           capture_output=True, text=True, timeout=300)
-    assert done.stdout.strip() == "C step kernels (lstm_step.c)", done.stderr
+    assert done.stdout.strip() == "C kernels", done.stderr
     assert target.stat().st_size > 1000
 
 
@@ -83,7 +85,7 @@ def test_two_builds_at_once_both_load():
     for t in threads:
         t.join()
     assert len(results) == 2 and all(r is not None for r in results)
-    assert len(list(build.cache_dir().glob("lstm_step-*.so"))) == 1
+    assert len(list(build.cache_dir().glob("normbench-*.so"))) == 1
 
 
 @pytest.mark.parametrize("env, why", [
@@ -104,7 +106,7 @@ def test_without_kernels_the_cell_trains_on_pytorch_kernels(monkeypatch, env, wh
     assert calls == 0
     out.sum().backward()
     assert all(p.grad is not None for p in cell.parameters())
-    assert not list(build.cache_dir().glob("lstm_step-*.so"))
+    assert not list(build.cache_dir().glob("normbench-*.so"))
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
@@ -137,8 +139,10 @@ def test_nan_and_infinity_go_through_as_in_pytorch(monkeypatch, norm):
         assert torch.isnan(s[1, 0]) and torch.isnan(h[1, 0])
 
 
-def test_a_run_records_which_kernels_its_cell_ran_on(results_dir):
+def test_a_run_records_which_kernels_it_ran_on(results_dir):
     result = api.run(tiny_run_overrides(results_dir, model="rnn", norm="ln"))
-    assert result.summary["rnn_kernels"] == build.status()
+    assert result.summary["kernels"] == build.status()
+    ghost = api.run(tiny_run_overrides(results_dir, model="mlp", norm="bn", norm_batch_size=4))
+    assert ghost.summary["kernels"] == build.status()
     other = api.run(tiny_run_overrides(results_dir, model="mlp", norm="ln"))
-    assert "rnn_kernels" not in other.summary
+    assert "kernels" not in other.summary

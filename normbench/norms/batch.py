@@ -12,114 +12,14 @@ counts K batches. With NBS equal to B (or null) the plain BatchNorm forward runs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench.norms.ghost import ghost_batch_norm, update_factors
 from normbench.norms.spec import FLAT, SPATIAL, NormOptions, norm
-
-
-@lru_cache(maxsize=64)
-def _momentum_weights(momentum: float, k: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """(weight of the old value, weights of the K new values) after K updates at one momentum."""
-    factors = [momentum] * k
-    return _weights(factors, device, dtype)
-
-
-def _weights(factors: Sequence[float], device: torch.device, dtype: torch.dtype) -> tuple:
-    keep, new = 1.0, []
-    for f in reversed(factors):  # a value's weight: its factor times what every later update keeps
-        new.append(f * keep)
-        keep *= 1.0 - f
-    return keep, torch.tensor(new[::-1], device=device, dtype=dtype)
-
-
-def sequential_update(buffer: torch.Tensor, values: torch.Tensor, factors: Sequence[float] | float) -> None:
-    """`buffer` (C,) after ``buffer = (1 - f) buffer + f value`` for each row of `values` (K, C) in order."""
-    k = values.shape[0]
-    if isinstance(factors, float):
-        keep, new = _momentum_weights(factors, k, values.device, values.dtype)
-    else:
-        keep, new = _weights(factors, values.device, values.dtype)
-    buffer.addmv_(values.t().to(buffer.dtype), new.to(buffer.dtype), beta=keep)  # one kernel
-
-
-class _FlatGhostNorm(torch.autograd.Function):
-    """Ghost batch norm of flat features (N, C) with a hand-written backward.
-
-    On small flat layers the cost of ghost BN is kernel launches, not arithmetic: the channel-
-    stacking route below takes two layout copies each way plus the affine repeats. Here the sub-
-    batches are a view, ``(K, NBS, C)``, the forward is eight small kernels and the backward the textbook
-    batch-norm gradient, ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * gamma``,
-    each mean over the sub-batch.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, group: int, eps: float):
-        n, c = x.shape
-        xv = x.view(n // group, group, c)
-        mean = xv.mean(1, keepdim=True)  # (var_mean over a middle dim is a slow kernel on CPU)
-        xhat = xv - mean
-        var = (xhat * xhat).mean(1, keepdim=True)
-        rstd = (var + eps).rsqrt_()
-        xhat.mul_(rstd)
-        if weight is None:
-            out = xhat if bias is None else xhat + bias
-        else:
-            out = xhat * weight if bias is None else torch.addcmul(bias, xhat, weight)
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, var)
-        unbiased = var.mul_(group / (group - 1)) if group > 1 else var
-        return out.view(n, c), mean.view(-1, c), unbiased.view(-1, c)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dmean, _dvar):
-        xhat, rstd, weight = ctx.saved_tensors
-        dy = dout.view(xhat.shape)
-        dweight = (dy * xhat).sum((0, 1)) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dy.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            g = dy * weight if weight is not None else dy
-            dx = g - g.mean(1, keepdim=True)
-            dx.addcmul_(xhat, (g * xhat).mean(1, keepdim=True), value=-1.0).mul_(rstd)
-            dx = dx.view(dout.shape)
-        return dx, dweight, dbias, None, None
-
-
-def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch norm of each run of `group` consecutive samples of `x` (N, C, ...) with its own statistics.
-
-    Returns the output and each sub-batch's mean and unbiased variance, both (N/group, C).
-    """
-    n, c = x.shape[:2]
-    k = n // group
-    if x.dim() == 2:
-        return _FlatGhostNorm.apply(x, weight, bias, group, eps)
-    # (K, NBS, C, S) -> (NBS, K*C, S): each sub-batch's channels are channels of their own.
-    # Flat features stay 2-D, where the batch-norm kernel is fastest.
-    spatial = (-1,) if x.dim() > 2 else ()
-    xs = x.reshape(k, group, c, *spatial).transpose(0, 1).reshape(group, k * c, *spatial)
-    mean, var = x.new_zeros(k * c), x.new_ones(k * c)  # momentum 1 leaves the batch statistics in them
-    out = F.batch_norm(xs, mean, var, None if weight is None else weight.repeat(k),
-                       None if bias is None else bias.repeat(k), True, 1.0, eps)
-    out = out.reshape(group, k, c, *spatial).transpose(0, 1).reshape(x.shape)
-    return out, mean.view(k, c), var.view(k, c)
-
-
-def _factors(momentum: float | None, tracked: torch.Tensor, k: int) -> list[float] | float:
-    """The update factors of K consecutive updates; `tracked` already counts them."""
-    if momentum is not None:
-        return float(momentum)
-    done = int(tracked) - k
-    return [1.0 / (done + j) for j in range(1, k + 1)]  # cumulative average, as in BatchNorm
 
 
 class GhostBatchNorm:
@@ -134,16 +34,12 @@ class GhostBatchNorm:
         group = self.norm_batch_size
         if group is None or group == x.shape[0] or not self.training:
             return super().forward(x)
-        track = self.track_running_stats
-        if track:
-            self.num_batches_tracked.add_(x.shape[0] // group)
-        out, mean, var = ghost_batch_norm(x, group, self.weight, self.bias, self.eps)
-        if track:
-            with torch.no_grad():
-                factors = _factors(self.momentum, self.num_batches_tracked, mean.shape[0])
-                sequential_update(self.running_mean, mean, factors)
-                sequential_update(self.running_var, var, factors)
-        return out
+        running = None
+        if self.track_running_stats:
+            k = x.shape[0] // group
+            self.num_batches_tracked.add_(k)
+            running = self.running_mean, self.running_var, update_factors(self.momentum, self.num_batches_tracked, k)
+        return ghost_batch_norm(x, group, self.weight, self.bias, self.eps, running)[0]
 
 
 class BatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
@@ -223,15 +119,14 @@ class RecurrentBatchNorm(nn.Module):
     def _ghost(self, x: torch.Tensor, rows: slice, weight: torch.Tensor, bias: torch.Tensor,
                group: int) -> torch.Tensor:
         """`_norm` in training with statistics per sub-batch of `group` samples: x (N, rows * C)."""
-        out, mean, var = ghost_batch_norm(x, group, weight, bias, self.eps)
+        running = None
         if self.track_running_stats:
-            k = mean.shape[0]
+            k = x.shape[0] // group
             self.num_batches_tracked[rows] += k
-            factors = _factors(self.momentum, self.num_batches_tracked[rows.start], k)
-            with torch.no_grad():  # per row the same sequence of K updates: flatten rows into features
-                sequential_update(self.running_mean[rows].view(-1), mean, factors)
-                sequential_update(self.running_var[rows].view(-1), var, factors)
-        return out
+            # per row the same sequence of K updates: flatten rows into features
+            running = (self.running_mean[rows].view(-1), self.running_var[rows].view(-1),
+                       update_factors(self.momentum, self.num_batches_tracked[rows.start], k))
+        return ghost_batch_norm(x, group, weight, bias, self.eps, running)[0]
 
     def row(self, t: int) -> int:
         """The row of running averages step `t` uses."""

@@ -1,5 +1,5 @@
 """The LSTM recurrence with norms inside, and the input projections' group norm, through the C
-kernels of `lstm_step.c` (built and loaded by `build`).
+kernels of `normbench/kernels/lstm_step.c` (built and loaded by `normbench.kernels.build`).
 
 PyTorch runs each elementwise operation of a step as its own kernel, and at batch 64 a kernel's
 fixed cost and its trip through memory outweigh its arithmetic: the hand-written recurrence in
@@ -17,8 +17,8 @@ import ctypes
 import torch
 from torch.autograd.function import once_differentiable
 
-from normbench.models.rnn import build
-from normbench.models.rnn.build import TYPES
+from normbench.kernels import build
+from normbench.kernels.build import TYPES
 from normbench.models.rnn.step_norms import BatchStats, GroupStats, LayerStats
 
 

@@ -1,13 +1,14 @@
-"""Building and loading the C kernels of `lstm_step.c`.
+"""Building and loading normbench's C kernels: `lstm_step.c` (an LSTM step with norms inside, and
+the group norm of the input projections) and `ghost_bn.c` (ghost batch norm of flat features).
 
-The C file is compiled with the machine's C compiler (`$CC`, else `cc`) the first time a CPU LSTM
-with LN, GN or recurrent BN in its cell runs (about a second), into `$XDG_CACHE_HOME/normbench/kernels`
-(else `~/.cache/normbench/kernels`), under a name hashed from the source, the compiler, its flags and
-the CPU (it is built for the machine's CPU, -march=native, so a cluster's nodes of different kinds
-each build their own), and loaded through ctypes. Two processes building at once each rename a
-complete library into place. Without a compiler, where the build fails, or with NORMBENCH_NATIVE=0,
-`library()` is None and the cells take the PyTorch recurrences of `recurrences`: the same results to
-rounding, slower. `status()` says which and why.
+They are compiled with the machine's C compiler (`$CC`, else `cc`) the first time a CPU run needs
+them (about a second), into `$XDG_CACHE_HOME/normbench/kernels` (else `~/.cache/normbench/kernels`),
+as one library named by a hash of the sources, the compiler, its flags and the CPU (built for the
+machine's CPU, -march=native, so that a cluster's nodes of different kinds each build their own), and
+loaded through ctypes. Two processes building at once each rename a complete library into place, and
+a cached file that does not load is built again. Without a compiler, where the build fails, or with
+NORMBENCH_NATIVE=0, `library()` is None and the callers take their PyTorch formulations: the same
+results to rounding, slower. `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("lstm_step.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_step.c", "ghost_bn.c"))
 # -fno-semantic-interposition lets the exported functions' helpers inline (3x on the group norm's backward);
 # -fno-trapping-math lets the gate loops vectorize; nothing here reorders sums or assumes no NaN
 FLAGS = ("-O3", "-fPIC", "-fno-semantic-interposition", "-std=c99", "-fno-math-errno", "-fno-trapping-math")
 TYPES = {torch.float32: "float", torch.float64: "double"}
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
-_SIGNATURES = {  # argument types of each exported function (lstm_step.c), suffixed _float and _double there
+_SIGNATURES = {  # argument types of each exported function, suffixed _float and _double in the library
     "lstm_forward": [_L, _L, *[_P] * 9, _L, _I, _D, *[_P] * 5, _L, _I, _D, *[_P] * 4],
     "lstm_backward": [_L, _L, *[_P] * 13, _L, _I, *[_P] * 5, _L, _I, *[_P] * 5],
     "running_update": [_L, _L, _L, *[_P] * 6],
     "group_norm_forward": [_L, _L, _L, _D, *[_P] * 7],
     "group_norm_backward": [_L, _L, _L, *[_P] * 9],
+    "ghost_bn_forward": [_L, _L, _L, _D, *[_P] * 10],
+    "ghost_bn_backward": [_L, _L, _L, *[_P] * 9],
 }
 _why_not = "not tried yet"
 
@@ -58,15 +61,16 @@ def _cpu() -> str:
 
 
 def _build(compiler: list[str], flags: list[str], target: Path) -> None:
-    """Compile the source once per precision and link both into `target`, written atomically: two
-    processes building at once each rename a complete library into place."""
+    """Compile each source once per precision and link them all into `target`, written atomically:
+    two processes building at once each rename a complete library into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         objects = []
-        for real in TYPES.values():
-            objects.append(str(Path(tmp) / f"{real}.o"))
-            subprocess.run([*compiler, *flags, "-c", f"-DREAL={real}", str(SOURCE), "-o", objects[-1]], check=True,
-                           capture_output=True, timeout=300)
+        for source in SOURCES:
+            for real in TYPES.values():
+                objects.append(str(Path(tmp) / f"{source.stem}-{real}.o"))
+                subprocess.run([*compiler, *flags, "-c", f"-DREAL={real}", str(source), "-o", objects[-1]],
+                               check=True, capture_output=True, timeout=300)
         out = Path(tmp) / target.name
         subprocess.run([*compiler, "-shared", *objects, "-o", str(out), "-lm"], check=True, capture_output=True,
                        timeout=300)
@@ -90,9 +94,9 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     failure: Exception | None = None
     for flags in ([*FLAGS, "-march=native"], list(FLAGS)):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, version, *flags, sys.platform,
+        key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), *compiler, version, *flags, sys.platform,
                                         platform.machine(), _cpu()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"lstm_step-{key}.so"
+        target = cache_dir() / f"normbench-{key}.so"
         if target.is_file():
             try:
                 return _open(target)
@@ -134,5 +138,5 @@ def library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """Which kernels a CPU LSTM with a norm in its cell runs on, and why."""
-    return "C step kernels (lstm_step.c)" if library() is not None else f"PyTorch kernels only: {_why_not}"
+    """Which kernels CPU runs take where normbench has C kernels, and why."""
+    return "C kernels" if library() is not None else f"PyTorch kernels only: {_why_not}"

@@ -1,8 +1,9 @@
 /* One LSTM step with norms inside, forward and backward, as single passes over plain arrays.
 
-   Compiled by normbench/models/rnn/native.py with the machine's C compiler (once per machine, cached),
-   twice: -DREAL=float and -DREAL=double. Python calls it through ctypes with the tensors' data
-   pointers; W_h's matmuls stay with PyTorch. Every array is C-contiguous, rows = the batch.
+   Compiled by normbench/kernels/build.py with the machine's C compiler (once per machine, cached),
+   twice: -DREAL=float and -DREAL=double. normbench/models/rnn/native.py calls it through ctypes with
+   the tensors' data pointers; W_h's matmuls stay with PyTorch. Every array is C-contiguous, rows =
+   the batch.
 
    A norm is given by `groups` and `cols`: cols = 0 normalizes each row in `groups` groups of
    consecutive features (layer norm: groups = 1; group norm), cols = 1 normalizes each feature over
