@@ -280,7 +280,7 @@ def one_error_line(result, *phrases: str) -> str:
 @pytest.fixture(params=["c", "pytorch"])
 def kernels(request, monkeypatch) -> str:
     """Run the test twice: on normbench's C kernels (normbench/kernels; skipped where they cannot be
-    built, and tests/test_rnn_native.py requires them wherever there is a compiler) and on PyTorch's
+    built, and tests/test_kernels.py requires them wherever there is a compiler) and on PyTorch's
     kernels alone, as on a machine without a C compiler."""
     from normbench.kernels import build
 

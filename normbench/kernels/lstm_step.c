@@ -193,7 +193,8 @@ static void FN(norm_backward)(OUT g, IN x, long n, long c, long groups, int cols
 
 /* Row i's mean and rstd per feature: the per-column arrays themselves, or row i's (row, group) values
    spread over its features in `buf` (2 x c), so that the loops over features read them alike. */
-static void FN(row_stats)(long i, long c, long groups, int cols, IN mean, IN rstd, OUT buf, IN *mu, IN *r) {
+static void FN(row_stats)(long i, long c, long groups, int cols, IN mean, IN rstd, OUT buf, const real **mu,
+                          const real **r) {
     if (cols) {
         *mu = mean, *r = rstd;
         return;
@@ -212,12 +213,13 @@ void FN(lstm_forward)(long n, long hid, IN a, IN x, IN c_prev, OUT s, OUT c, OUT
                       IN wc, IN bc, long gc, int colsc, double eps_c, OUT mean_c, OUT rstd_c, OUT var_c,
                       OUT buf) {
     long c4 = 4 * hid;
-    const real *restrict mu, *restrict r;
+    const real *row_mu, *row_r;  /* row i's statistics per feature: see row_stats */
     FN(stats)(a, n, c4, gh, colsh, (real)eps_h, mean_h, rstd_h, var_h);
     for (long i = 0; i < n; i++) {
         const real *ai = a + i * c4, *xi = x + i * c4;
         real *si = s + i * c4;
-        FN(row_stats)(i, c4, gh, colsh, mean_h, rstd_h, buf, &mu, &r);
+        FN(row_stats)(i, c4, gh, colsh, mean_h, rstd_h, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < c4; j++) si[j] = (ai[j] - mu[j]) * r[j] * wh[j] + bh[j] + xi[j];
         for (long j = 0; j < 3 * hid; j++) si[j] = SIGMOID(si[j]);
         for (long j = 3 * hid; j < c4; j++) si[j] = TANH(si[j]);
@@ -229,7 +231,8 @@ void FN(lstm_forward)(long n, long hid, IN a, IN x, IN c_prev, OUT s, OUT c, OUT
     for (long i = 0; i < n; i++) {
         const real *ci = c + i * hid, *si = s + i * c4;
         real *ti = tc + i * hid, *hi = h + i * hid;
-        FN(row_stats)(i, hid, gc, colsc, mean_c, rstd_c, buf, &mu, &r);
+        FN(row_stats)(i, hid, gc, colsc, mean_c, rstd_c, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < hid; j++) ti[j] = (ci[j] - mu[j]) * r[j] * wc[j] + bc[j];
         for (long j = 0; j < hid; j++) ti[j] = TANH(ti[j]);
         for (long j = 0; j < hid; j++) hi[j] = si[2 * hid + j] * ti[j];
@@ -245,11 +248,12 @@ void FN(lstm_backward)(long n, long hid, IN a, IN s, IN c_prev, IN c, IN tc, IN 
                        IN wh, long gh, int colsh, IN mean_h, IN rstd_h, OUT dwh, OUT dbh,
                        IN wc, long gc, int colsc, IN mean_c, IN rstd_c, OUT dwc, OUT dbc, OUT buf) {
     long c4 = 4 * hid;
-    const real *restrict mu, *restrict r;
+    const real *row_mu, *row_r;  /* row i's statistics per feature: see row_stats */
     for (long i = 0; i < n; i++) {  /* through h = o tanh(norm_c(c)) to norm_c's normalized values */
         const real *si = s + i * c4, *ti = tc + i * hid, *ci = c + i * hid, *dhi = dh + i * hid;
         real *gi = gc_buf + i * hid;
-        FN(row_stats)(i, hid, gc, colsc, mean_c, rstd_c, buf, &mu, &r);
+        FN(row_stats)(i, hid, gc, colsc, mean_c, rstd_c, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < hid; j++) {
             real dyc = dhi[j] * si[2 * hid + j] * (1 - ti[j] * ti[j]);
             dwc[j] += dyc * (ci[j] - mu[j]) * r[j];
@@ -279,7 +283,8 @@ void FN(lstm_backward)(long n, long hid, IN a, IN s, IN c_prev, IN c, IN tc, IN 
     for (long i = 0; i < n; i++) {  /* norm_h's affine, then its input */
         const real *ai = a + i * c4, *dyi = dy + i * c4;
         real *dai = da + i * c4;
-        FN(row_stats)(i, c4, gh, colsh, mean_h, rstd_h, buf, &mu, &r);
+        FN(row_stats)(i, c4, gh, colsh, mean_h, rstd_h, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < c4; j++) {
             dwh[j] += dyi[j] * (ai[j] - mu[j]) * r[j];
             dbh[j] += dyi[j];
@@ -308,12 +313,13 @@ void FN(running_update)(long steps, long c, long n, const long *restrict rows, c
    for the input projections of every step at once: y = xhat w + b, keeping mean and rstd (n x groups). */
 void FN(group_norm_forward)(long n, long c, long groups, double eps, IN x, IN w, IN b, OUT y, OUT mean,
                             OUT rstd, OUT buf) {
-    const real *restrict mu, *restrict r;
+    const real *row_mu, *row_r;  /* row i's statistics per feature: see row_stats */
     FN(stats)(x, n, c, groups, 0, (real)eps, mean, rstd, NULL);
     for (long i = 0; i < n; i++) {
         const real *xi = x + i * c;
         real *yi = y + i * c;
-        FN(row_stats)(i, c, groups, 0, mean, rstd, buf, &mu, &r);
+        FN(row_stats)(i, c, groups, 0, mean, rstd, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < c; j++) yi[j] = (xi[j] - mu[j]) * r[j] * w[j] + b[j];
     }
 }
@@ -321,11 +327,12 @@ void FN(group_norm_forward)(long n, long c, long groups, double eps, IN x, IN w,
 /* Its backward: dx from dy, and the affine's gradients added to dw and db. */
 void FN(group_norm_backward)(long n, long c, long groups, IN x, IN mean, IN rstd, IN w, IN dy, OUT dx, OUT dw,
                              OUT db, OUT buf) {
-    const real *restrict mu, *restrict r;
+    const real *row_mu, *row_r;  /* row i's statistics per feature: see row_stats */
     for (long i = 0; i < n; i++) {
         const real *xi = x + i * c, *dyi = dy + i * c;
         real *dxi = dx + i * c;
-        FN(row_stats)(i, c, groups, 0, mean, rstd, buf, &mu, &r);
+        FN(row_stats)(i, c, groups, 0, mean, rstd, buf, &row_mu, &row_r);
+        const real *restrict mu = row_mu, *restrict r = row_r;  /* not written in this row's loops */
         for (long j = 0; j < c; j++) {
             dw[j] += dyi[j] * (xi[j] - mu[j]) * r[j];
             db[j] += dyi[j];

@@ -99,9 +99,8 @@ class _NativeFlatGhostNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group: int, eps: float, stats: torch.Tensor, running: tuple | None):
         n, c = x.shape
-        if weight is None or bias is None:
-            weight = x.new_ones(c) if weight is None else weight
-            bias = x.new_zeros(c) if bias is None else bias
+        weight = x.new_ones(c) if weight is None else weight.contiguous()  # (a no-op on parameters)
+        bias = x.new_zeros(c) if bias is None else bias.contiguous()
         out = torch.empty_like(x)
         r_mean, r_var, factors = running if running is not None else (None, None, None)
         getattr(build.library(), f"ghost_bn_forward_{TYPES[x.dtype]}")(
@@ -126,10 +125,15 @@ class _NativeFlatGhostNorm(torch.autograd.Function):
         return dx, grads[0] if wants[1] else None, grads[1] if wants[2] else None, None, None, None, None
 
 
-def _native(x: torch.Tensor, running: tuple | None) -> bool:
-    """Whether the C kernel takes this ghost batch norm: CPU, float32/64 flat features, running averages
-    (if any) contiguous and of x's dtype, the kernels built, and no torch.compile tracing."""
+def _native(x: torch.Tensor, group: int, affine: tuple, running: tuple | None) -> bool:
+    """Whether the C kernel takes this ghost batch norm: CPU, float32/64 flat features in whole
+    sub-batches (else the PyTorch path raises), the affine and running averages (if any) of x's dtype
+    and the latter contiguous, the kernels built, and no torch.compile tracing."""
     if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in TYPES or torch.compiler.is_compiling():
+        return False
+    if group < 1 or x.shape[0] % group:
+        return False
+    if any(p is not None and p.dtype != x.dtype for p in affine):
         return False
     if running is not None and not all(b.dtype == x.dtype and b.is_contiguous() for b in running[:2]):
         return False
@@ -146,7 +150,7 @@ def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, b
     """
     n, c = x.shape[:2]
     k = n // group
-    if _native(x, running):
+    if _native(x, group, (weight, bias), running):
         x = x.contiguous()
         stats = x.new_empty(3, k, c)
         if running is not None:

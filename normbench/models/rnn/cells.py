@@ -70,7 +70,7 @@ class _NormCell(nn.Module):
         p = F.linear(x, self.w_x.weight)
         gn = self.norm_x.norm
         if isinstance(gn, (GroupNorm, nn.GroupNorm)) and gn.weight is not None and gn.bias is not None:
-            if native.takes(p):
+            if native.takes(p, gn.weight, gn.bias, groups=gn.num_groups):
                 return native.NativeGroupNorm.apply(p, gn.weight, gn.bias, gn.num_groups, gn.eps)
             size = p.shape[-1] // gn.num_groups
             v = F.layer_norm(p.view(-1, size), (size,), eps=gn.eps)
@@ -105,10 +105,11 @@ class NormLSTM(_NormCell):
         return out[-1]
 
     def _recurrence(self, xs: torch.Tensor) -> torch.Tensor:
-        """h_T through `LSTMRecurrence`; the gate bias joins norm_h's shift (no pass over the sequence)."""
+        """h_T through the C kernels where they can run (`native`), else `LSTMRecurrence`; the gate bias
+        joins norm_h's shift (no pass over the sequence)."""
         norm_h, w_nh, b_nh = twin(self.norm_h, xs)
         norm_c, w_nc, b_nc = twin(self.norm_c, xs[..., :self.hidden_size])
-        if native.usable(xs, norm_h, norm_c):
+        if native.usable(xs, norm_h, norm_c, self.w_h.weight, w_nh, b_nh, w_nc, b_nc, self.bias):
             return native.NativeLSTMRecurrence.apply(xs, self.w_h.weight, w_nh, b_nh + self.bias, w_nc, b_nc, norm_h,
                                                      norm_c)
         return LSTMRecurrence.apply(xs, self.w_h.weight, w_nh, b_nh + self.bias, w_nc, b_nc, norm_h, norm_c)

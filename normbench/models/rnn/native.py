@@ -27,27 +27,32 @@ def _spec(norm) -> tuple[int, int, float] | None:
     if isinstance(norm, LayerStats):
         return 1, 0, norm.eps
     if isinstance(norm, GroupStats):
-        return norm.groups, 0, norm.eps
+        return (norm.groups, 0, norm.eps) if norm.groups > 0 else None
     if isinstance(norm, BatchStats) and norm.batch:
         return 1, 1, norm.eps
     return None
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on this tensor: CPU, float32 or float64, and built."""
-    return x.device.type == "cpu" and x.dtype in TYPES and build.library() is not None
+def takes(x: torch.Tensor, *params: torch.Tensor, groups: int = 1) -> bool:
+    """Whether the kernels can run on this tensor (C features last) with these parameters: CPU, float32
+    or float64 alike, `groups` dividing C, and the kernels built."""
+    return (x.device.type == "cpu" and x.dtype in TYPES and all(p.dtype == x.dtype for p in params)
+            and groups > 0 and x.shape[-1] % groups == 0 and build.library() is not None)
 
 
-def usable(xs: torch.Tensor, norm_h, norm_c) -> bool:
-    """Whether the C recurrence can run these norms (`step_norms` twins) on this input: LN, GN, or BN with
-    the batch's statistics over more than one sample and running averages of the input's dtype."""
-    if _spec(norm_h) is None or _spec(norm_c) is None:
+def usable(xs: torch.Tensor, norm_h, norm_c, *params: torch.Tensor) -> bool:
+    """Whether the C recurrence can run these norms (`step_norms` twins) on this input (T, N, 4H) with
+    these parameters: LN, GN with groups that divide the features, or BN with the batch's statistics
+    over more than one sample and running averages of the input's dtype."""
+    spec_h, spec_c = _spec(norm_h), _spec(norm_c)
+    gates = xs.shape[-1]
+    if spec_h is None or spec_c is None or gates % spec_h[0] or (gates // 4) % spec_c[0]:
         return False
     for m in (norm_h, norm_c):
         if isinstance(m, BatchStats) and (xs.shape[1] < 2 or m.bn.track_running_stats and not all(
                 b.dtype == xs.dtype and b.is_contiguous() for b in (m.bn.running_mean, m.bn.running_var))):
             return False
-    return takes(xs)
+    return takes(xs, *params)
 
 
 def _stat_buffers(norm, like: torch.Tensor, steps: int, n: int, c: int) -> tuple[torch.Tensor, ...]:

@@ -146,3 +146,26 @@ def test_a_run_records_which_kernels_it_ran_on(results_dir):
     assert ghost.summary["kernels"] == build.status()
     other = api.run(tiny_run_overrides(results_dir, model="mlp", norm="ln"))
     assert "kernels" not in other.summary
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+def test_what_the_kernels_cannot_take_goes_to_pytorch(monkeypatch):
+    """Sub-batches that do not divide the batch (PyTorch's path raises), parameters of another dtype
+    than the input, and groups that do not divide the features never reach the C code."""
+    from normbench.norms import ghost
+
+    taken = []
+    apply = ghost._NativeFlatGhostNorm.apply
+    monkeypatch.setattr(ghost._NativeFlatGhostNorm, "apply", lambda *a: taken.append(1) or apply(*a))
+    x = torch.randn(10, 6)
+    with pytest.raises(RuntimeError):
+        ghost.ghost_batch_norm(x, 4, torch.ones(6), torch.zeros(6), 1e-5)
+    ghost.ghost_batch_norm(x.double(), 5, torch.ones(6), torch.zeros(6), 1e-5)  # float32 affine
+    assert not taken
+    ghost.ghost_batch_norm(x, 5, torch.ones(6), torch.zeros(6), 1e-5)
+    assert taken
+    p = torch.randn(3, 4, 12)
+    assert native.takes(p, torch.ones(12), groups=4)
+    assert not native.takes(p, torch.ones(12, dtype=torch.float64), groups=4)
+    assert not native.takes(p, torch.ones(12), groups=5)
+    assert not native.takes(p, torch.ones(12), groups=0)
