@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_step.c", "ghost_bn.c"))
+HEADERS = (Path(__file__).with_name("common.h"),)
 # -fno-semantic-interposition lets the exported functions' helpers inline (3x on the group norm's backward);
 # -fno-trapping-math lets the gate loops vectorize; nothing here reorders sums or assumes no NaN
 FLAGS = ("-O3", "-fPIC", "-fno-semantic-interposition", "-std=c99", "-fno-math-errno", "-fno-trapping-math")
@@ -94,8 +95,9 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     failure: Exception | None = None
     for flags in ([*FLAGS, "-march=native"], list(FLAGS)):
-        key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), *compiler, version, *flags, sys.platform,
-                                        platform.machine(), _cpu()]).encode()).hexdigest()[:16]
+        texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
+        key = hashlib.sha256("\0".join([*texts, *compiler, version, *flags, sys.platform, platform.machine(),
+                                        _cpu()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"normbench-{key}.so"
         if target.is_file():
             try:

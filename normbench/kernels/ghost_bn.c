@@ -5,24 +5,7 @@
    and -DREAL=double. PyTorch's way takes about twenty small kernels for this; at the MLP's sizes
    (64 x 256, sub-batches of 8) their fixed costs are most of a training step. */
 
-#include <math.h>
-
-#ifndef REAL
-#define REAL float
-#endif
-
-#define CAT2(a, b) a##_##b
-#define CAT(a, b) CAT2(a, b)
-#define FN(name) CAT(name, REAL)
-
-typedef REAL real;
-/* Array parameters: no two of them overlap, which lets the compiler vectorize without run-time checks. */
-#define IN const real *restrict
-#define OUT real *restrict
-
-static inline float sqrt_float(float x) { return sqrtf(x); }
-static inline double sqrt_double(double x) { return sqrt(x); }
-#define SQRT CAT(sqrt, REAL)
+#include "common.h"
 
 /* y = xhat w + b per sub-batch; keeps each sub-batch's mean, unbiased variance and 1/sqrt(var + eps)
    (biased var, for the backward pass), each (k x c). With running_mean and running_var (else NULL),

@@ -17,25 +17,11 @@
    2.5 ulp, tanh within 7.4 ulp (1.8e-7) of the exact values; double uses the C library's exp and tanh.
    NaN and infinity go through as in PyTorch's kernels: sigmoid(NaN) = NaN, tanh(-inf) = -1. */
 
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#ifndef REAL
-#define REAL float
-#endif
+#include "common.h"
 
-#define CAT2(a, b) a##_##b
-#define CAT(a, b) CAT2(a, b)
-#define FN(name) CAT(name, REAL)
-
-typedef REAL real;
-/* Array parameters: no two of them overlap, which lets the compiler vectorize without run-time checks. */
-#define IN const real *restrict
-#define OUT real *restrict
-
-#ifndef NORMBENCH_ONCE
-#define NORMBENCH_ONCE
 /* exp for float: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2; Cephes' coefficients. */
 static inline float exp_f(float x) {
     x = x > 89.0f ? 89.0f : x;  /* from about 88.4 up, 2^128 = infinity, as exp overflows near there */
@@ -64,14 +50,10 @@ static inline float tanh_float(float x) {
     float large = 2.0f / (1.0f + exp_f(-2.0f * x)) - 1.0f;
     return x2 < 0.0625f ? small : large;
 }
-static inline float sqrt_float(float x) { return sqrtf(x); }
-static inline double sqrt_double(double x) { return sqrt(x); }
 static inline double sigmoid_double(double x) { return 1.0 / (1.0 + exp(-x)); }
 static inline double tanh_double(double x) { return tanh(x); }
-#endif
 
 #define SIGMOID CAT(sigmoid, REAL)
-#define SQRT CAT(sqrt, REAL)
 #define TANH CAT(tanh, REAL)
 
 /* Sums over m consecutive values: of x, of (x - mu)^2, and of g (x - mu), in LANES interleaved
