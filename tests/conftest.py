@@ -116,6 +116,12 @@ def offline(monkeypatch, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("NORMBENCH_DATA_DIR", str(home / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    # ... except normbench's compiled C kernels, built once for the whole session (every process a test
+    # starts would otherwise build them again; tests/test_kernels.py builds in folders of its own)
+    shared = tmp_path_factory.getbasetemp() / "kernels"
+    shared.mkdir(exist_ok=True)
+    (home / "cache" / "normbench").mkdir(parents=True)
+    (home / "cache" / "normbench" / "kernels").symlink_to(shared, target_is_directory=True)
     monkeypatch.delenv("NORMBENCH_DEBUG", raising=False)
     return attempts
 

@@ -27,10 +27,11 @@ HAVE_CC = shutil.which("cc") is not None
 
 
 @pytest.fixture
-def fresh_library():
-    """The test builds or refuses in its own cache folder (conftest gives each test its own
-    XDG_CACHE_HOME); the library's memo would otherwise carry over from earlier tests. Other tests
-    share the memo: a build takes seconds."""
+def fresh_library(monkeypatch, tmp_path):
+    """The test builds (or refuses) in an empty cache folder of its own, not the one conftest.py shares
+    between tests, and without the library this process loaded before. Other tests share both: a
+    build takes seconds."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))
     build.library.cache_clear()
     yield
     build.library.cache_clear()
