@@ -2,7 +2,7 @@
 the group norm of the input projections) and `ghost_bn.c` (ghost batch norm of flat features).
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) the first time a CPU run needs
-them (about a second), into `$XDG_CACHE_HOME/normbench/kernels` (else `~/.cache/normbench/kernels`),
+them (1–3 s), into `$XDG_CACHE_HOME/normbench/kernels` (else `~/.cache/normbench/kernels`),
 as one library named by a hash of the sources, the compiler, its flags and the CPU (built for the
 machine's CPU, -march=native, so that a cluster's nodes of different kinds each build their own), and
 loaded through ctypes. Two processes building at once each rename a complete library into place, and
