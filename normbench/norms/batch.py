@@ -2,12 +2,13 @@
 
 Ghost batch norm (Hoffer et al. 2017; the normalization batch of Wu & Johnson 2021): with
 ``norm_batch_size`` set to NBS below the SGD batch B, a training forward normalizes each run of
-NBS consecutive samples with that run's own statistics. The batch is reshaped once so that the
-B/NBS sub-batches become separate channels, ``(B, C, ...) -> (NBS, B/NBS * C, ...)``, and one
-fused batch-norm kernel normalizes them all. The running averages get one update per sub-batch,
-in order, as a BN trained at batch NBS would: with momentum m and K = B/NBS sub-batches,
-``r <- (1 - m)^K r + sum_k m (1 - m)^(K-1-k) stat_k``; the cumulative average (momentum null)
-counts K batches. With NBS equal to B (or null) the plain BatchNorm forward runs, unchanged.
+NBS consecutive samples with that run's own statistics (the arithmetic is in `ghost`: flat
+features through normbench's C kernel where it is built, else a few PyTorch kernels; spatial ones
+as the sub-batches stacked into channels for one batch-norm kernel). The running averages get one
+update per sub-batch, in order, as a BN trained at batch NBS would: with momentum m and K = B/NBS
+sub-batches, ``r <- (1 - m)^K r + sum_k m (1 - m)^(K-1-k) stat_k``; the cumulative average
+(momentum null) counts K batches. With NBS equal to B (or null) the plain BatchNorm forward runs,
+unchanged.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Ghost batch norm's arithmetic: each run of NBS consecutive samples normalized with its own
-statistics, and the running averages' K updates in one step (see `batch` for the semantics).
+statistics, and the running averages' K updates (see `batch` for the semantics).
 
 Flat features (N, C) go through normbench's C kernel (`normbench/kernels/ghost_bn.c`: one pass
 each way) where it is built, on CPU in float32 and float64; else through a hand-written autograd
