@@ -117,12 +117,19 @@ def _off() -> bool:
     return os.environ.get("NORMBENCH_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
 
 
+def takes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether the kernels can take this tensor and these parameters (None: absent): CPU, float32 or
+    float64 alike, and the kernels built."""
+    return (x.device.type == "cpu" and x.dtype in TYPES and all(p is None or p.dtype == x.dtype for p in params)
+            and library() is not None)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None (and `status()` says why) where they cannot be."""
     global _why_not
     if _off():
-        _why_not = "NORMBENCH_NATIVE=0"
+        _why_not = f"NORMBENCH_NATIVE={os.environ['NORMBENCH_NATIVE']}"
         return None
     compiler = shlex.split(os.environ.get("CC") or "cc")
     if not compiler or shutil.which(compiler[0]) is None:

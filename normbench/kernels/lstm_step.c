@@ -58,9 +58,7 @@ static inline double tanh_double(double x) { return tanh(x); }
 
 /* Sums over m consecutive values: of x, of (x - mu)^2, and of g (x - mu), in LANES interleaved
    partial sums, which the compiler can vectorize (it may not reorder one running sum). */
-#ifndef LANES
 #define LANES 8
-#endif
 #define REDUCE(term)                                                   \
     real acc[LANES] = {0}, total = 0;                                  \
     long j = 0;                                                        \

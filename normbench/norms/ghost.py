@@ -129,15 +129,11 @@ def _native(x: torch.Tensor, group: int, affine: tuple, running: tuple | None) -
     """Whether the C kernel takes this ghost batch norm: CPU, float32/64 flat features in whole
     sub-batches (else the PyTorch path raises), the affine and running averages (if any) of x's dtype
     and the latter contiguous, the kernels built, and no torch.compile tracing."""
-    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in TYPES or torch.compiler.is_compiling():
+    if x.dim() != 2 or group < 1 or x.shape[0] % group or torch.compiler.is_compiling():
         return False
-    if group < 1 or x.shape[0] % group:
+    if running is not None and not all(b.is_contiguous() for b in running[:2]):
         return False
-    if any(p is not None and p.dtype != x.dtype for p in affine):
-        return False
-    if running is not None and not all(b.dtype == x.dtype and b.is_contiguous() for b in running[:2]):
-        return False
-    return build.library() is not None
+    return build.takes(x, *affine, *(running[:2] if running is not None else ()))
 
 
 def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -34,10 +34,9 @@ def _spec(norm) -> tuple[int, int, float] | None:
 
 
 def takes(x: torch.Tensor, *params: torch.Tensor, groups: int = 1) -> bool:
-    """Whether the kernels can run on this tensor (C features last) with these parameters: CPU, float32
-    or float64 alike, `groups` dividing C, and the kernels built."""
-    return (x.device.type == "cpu" and x.dtype in TYPES and all(p.dtype == x.dtype for p in params)
-            and groups > 0 and x.shape[-1] % groups == 0 and build.library() is not None)
+    """Whether the kernels can run on this tensor (C features last) with these parameters (`build.takes`)
+    and `groups` dividing C."""
+    return groups > 0 and x.shape[-1] % groups == 0 and build.takes(x, *params)
 
 
 def usable(xs: torch.Tensor, norm_h, norm_c, *params: torch.Tensor) -> bool:
