@@ -4,9 +4,10 @@ Times one training step (forward, backward, SGD update) of the MLP and the CNN a
 random data: plain BN (norm_batch_size null), ghost BN at several norm_batch_size values, and
 PyTorch's own nn.BatchNorm (what normbench built before ghost BN existed: the cost of the
 switch when off). The variants run in alternation, repeated, and the report gives the median
-time per step and its ratio to plain BN.
+time per step and its ratio to plain BN. Each timing takes about `--seconds` (the steps are
+counted from plain BN's warm-up), so the MLP's 2 ms steps are timed as well as the CNN's 75 ms.
 
-    .venv/bin/python benchmarks/ghost_bn.py [--repeats 5] [--steps 20] [--threads 1] [--models mlp,cnn]
+    .venv/bin/python benchmarks/ghost_bn.py [--repeats 7] [--seconds 0.5] [--threads 1] [--models mlp,cnn]
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def time_steps(net: nn.Module, nbs: int | None, x, y, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=0.5, help="about how long each timing takes")
     parser.add_argument("--threads", type=int, default=1, help="1: least disturbed by other processes")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     args = parser.parse_args()
@@ -67,10 +68,11 @@ def main() -> None:
         variants = {"plain BN": (build(model), None), "torch nn.BatchNorm": (torch_bn(build(model)), None)}
         variants |= {f"ghost NBS={n}": (build(model), n) for n in (2, 8, 32)}
         times = {name: [] for name in variants}
+        steps = max(3, round(args.seconds / time_steps(*variants["plain BN"], x, y, 5)))
         for _ in range(args.repeats):  # alternate, so drifts in machine speed hit every variant alike
             for name, (net, nbs) in variants.items():
                 time_steps(net, nbs, x, y, 3)  # warm-up
-                times[name].append(time_steps(net, nbs, x, y, args.steps))
+                times[name].append(time_steps(net, nbs, x, y, steps))
         base = statistics.median(times["plain BN"])
         for name, t in times.items():
             print(f"| {model} | {name} | {1e3 * statistics.median(t):.2f} | {statistics.median(t) / base:.3f} |")

@@ -52,8 +52,8 @@ def run_sub_batches(layer: nn.Module, x: torch.Tensor, kind: str) -> torch.Tenso
                          ids=["flat", "spatial", "recurrent-per_step", "recurrent-shared"])
 def test_ghost_bn_is_bn_at_batch_nbs_on_each_sub_batch(kind, shared, momentum, kernels, monkeypatch):
     calls = []
-    apply = ghost_module._NativeFlatGhostNorm.apply
-    monkeypatch.setattr(ghost_module._NativeFlatGhostNorm, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = ghost_module._NativeGhostNorm.apply
+    monkeypatch.setattr(ghost_module._NativeGhostNorm, "apply", lambda *a: calls.append(1) or apply(*a))
     opts = NormOptions(momentum=momentum, recurrent_stats="shared" if shared else "per_step")
     ghost = create_norm("bn", C, kind, opts, steps=T).double().train()
     set_affine(ghost)
@@ -73,7 +73,7 @@ def test_ghost_bn_is_bn_at_batch_nbs_on_each_sub_batch(kind, shared, momentum, k
     for (name, a), (_, b) in zip(ghost.named_buffers(), plain.named_buffers()):
         torch.testing.assert_close(a, b, msg=name)  # one running-average update per sub-batch
     assert not hasattr(ghost, "norm_batch_size") or ghost.norm_batch_size is None  # off outside the context
-    assert bool(calls) == (kernels == "c" and kind != SPATIAL)  # flat features (and each step's) took C
+    assert bool(calls) == (kernels == "c")  # every layout took C where it was built
 
 
 @pytest.mark.parametrize("kind", [FLAT, SPATIAL, RECURRENT])
@@ -183,3 +183,18 @@ def test_ghost_batch_norm_gradients_are_exact(kind, affine, kernels):
     bias = torch.randn(C, generator=g, dtype=torch.float64).requires_grad_() if affine[1] else None
     inputs = (x, weight, bias)
     assert torch.autograd.gradcheck(lambda *a: ghost_batch_norm(a[0], NBS, a[1], a[2], 1e-5)[0], inputs)
+
+
+def test_ghost_batch_norm_refuses_a_second_derivative_but_not_create_graph(kernels):
+    """create_graph=True still gives the first derivative; differentiating it again says why it cannot
+    (the C backward has no graph of its own), instead of returning a wrong zero."""
+    from normbench.norms import ghost_batch_norm
+
+    x = sample(FLAT)
+    weight = torch.full((C,), 1.5, dtype=torch.float64, requires_grad=True)
+    out = ghost_batch_norm(x, NBS, weight, None, 1e-5)[0]
+    first = torch.autograd.grad((out * out).sum(), (x, weight), retain_graph=True)
+    again = torch.autograd.grad((out * out).sum(), (x, weight), create_graph=True)
+    torch.testing.assert_close(again, first)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        again[0].sum().backward()

@@ -156,8 +156,8 @@ def test_what_the_kernels_cannot_take_goes_to_pytorch(monkeypatch):
     from normbench.norms import ghost
 
     taken = []
-    apply = ghost._NativeFlatGhostNorm.apply
-    monkeypatch.setattr(ghost._NativeFlatGhostNorm, "apply", lambda *a: taken.append(1) or apply(*a))
+    apply = ghost._NativeGhostNorm.apply
+    monkeypatch.setattr(ghost._NativeGhostNorm, "apply", lambda *a: taken.append(1) or apply(*a))
     x = torch.randn(10, 6)
     with pytest.raises(RuntimeError):
         ghost.ghost_batch_norm(x, 4, torch.ones(6), torch.zeros(6), 1e-5)
@@ -170,3 +170,34 @@ def test_what_the_kernels_cannot_take_goes_to_pytorch(monkeypatch):
     assert not native.takes(p, torch.ones(12, dtype=torch.float64), groups=4)
     assert not native.takes(p, torch.ones(12), groups=5)
     assert not native.takes(p, torch.ones(12), groups=0)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+@pytest.mark.parametrize("shape,group", [((64, 256), 8), ((64, 256), 2), ((12, 6, 7, 7), 4), ((8, 3, 28, 28), 2),
+                                         ((6, 5, 9), 3)], ids=["mlp", "mlp-nbs2", "spatial-49", "spatial-784", "seq"])
+def test_ghost_bn_in_float32_matches_pytorch_at_real_sizes(shape, group, monkeypatch):
+    """At float32 and the sizes training uses (rows of 49 and 784 positions: the C sums' interleaved
+    lanes and their remainders), the C kernel gives PyTorch's numbers to float32 rounding: output,
+    gradients, and the running averages after their K updates."""
+    from normbench.norms import ghost
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    weight, bias = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    probe = torch.randn(shape, generator=g)
+    taken = []
+    apply = ghost._NativeGhostNorm.apply
+    monkeypatch.setattr(ghost._NativeGhostNorm, "apply", lambda *a: taken.append(1) or apply(*a))
+    results = []
+    for c_kernels in (True, False):
+        if not c_kernels:
+            monkeypatch.setattr(build, "library", lambda: None)
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        running = (torch.zeros(shape[1]), torch.ones(shape[1]), 0.1)
+        out, mean, var = ghost.ghost_batch_norm(inputs[0], group, inputs[1], inputs[2], 1e-5, running)
+        (out * probe).sum().backward()
+        results.append([out, mean, var, *running[:2], *(t.grad for t in inputs)])
+        assert len(taken) == 1  # the first pass took C, the second PyTorch
+    names = ["out", "mean", "var", "running_mean", "running_var", "dx", "dweight", "dbias"]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)

@@ -1,5 +1,5 @@
 """Building and loading normbench's C kernels: `lstm_step.c` (an LSTM step with norms inside, and
-the group norm of the input projections) and `ghost_bn.c` (ghost batch norm of flat features).
+the group norm of the input projections) and `ghost_bn.c` (ghost batch norm).
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) the first time a CPU run needs
 them (1–3 s), into `$XDG_CACHE_HOME/normbench/kernels` (else `~/.cache/normbench/kernels`),
@@ -40,8 +40,8 @@ _SIGNATURES = {  # argument types of each exported function, suffixed _float and
     "running_update": [_L, _L, _L, *[_P] * 6],
     "group_norm_forward": [_L, _L, _L, _D, *[_P] * 7],
     "group_norm_backward": [_L, _L, _L, *[_P] * 9],
-    "ghost_bn_forward": [_L, _L, _L, _D, *[_P] * 10],
-    "ghost_bn_backward": [_L, _L, _L, *[_P] * 9],
+    "ghost_bn_forward": [_L, _L, _L, _L, _D, *[_P] * 10],
+    "ghost_bn_backward": [_L, _L, _L, _L, *[_P] * 9],
 }
 _why_not = "not tried yet"
 
@@ -122,6 +122,12 @@ def takes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     float64 alike, and the kernels built."""
     return (x.device.type == "cpu" and x.dtype in TYPES and all(p is None or p.dtype == x.dtype for p in params)
             and library() is not None)
+
+
+@functools.cache
+def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    """The built function `name` for `dtype` (after `takes` said yes): a lookup, not a getattr, per call."""
+    return getattr(library(), f"{name}_{TYPES[dtype]}")
 
 
 @functools.cache

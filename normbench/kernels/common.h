@@ -24,4 +24,26 @@ static inline float sqrt_float(float x) { return sqrtf(x); }
 static inline double sqrt_double(double x) { return sqrt(x); }
 #define SQRT CAT(sqrt, REAL)
 
+/* Sums over m consecutive values: of x, of (x - mu)^2, and of g (x - mu), in LANES interleaved
+   partial sums, which the compiler can vectorize (it may not reorder one running sum). */
+#define LANES 8
+#define REDUCE(term)                                                   \
+    real acc[LANES] = {0}, total = 0;                                  \
+    long j = 0;                                                        \
+    for (; j + LANES <= m; j += LANES)                                 \
+        for (long l = 0; l < LANES; l++) acc[l] += term(j + l);        \
+    for (; j < m; j++) acc[0] += term(j);                              \
+    for (long l = 0; l < LANES; l++) total += acc[l];                  \
+    return total;
+
+#define X(k) x[k]
+#define SQ(k) ((x[k] - mu) * (x[k] - mu))
+#define PROD(k) (g[k] * (x[k] - mu))
+static inline real FN(sum)(IN x, long m) { REDUCE(X) }
+static inline real FN(sum_sq)(IN x, real mu, long m) { REDUCE(SQ) }
+static inline real FN(sum_prod)(IN g, IN x, real mu, long m) { REDUCE(PROD) }
+#undef X
+#undef SQ
+#undef PROD
+
 #endif

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from normbench.errors import UserError
-from normbench.norms.batch import (BatchNorm1d, BatchNorm2d, RecurrentBatchNorm, batch_moments,
-                                   ghost_batch_norm, norm_batches)
+from normbench.norms.batch import BatchNorm1d, BatchNorm2d, RecurrentBatchNorm, batch_moments, norm_batches
+from normbench.norms.ghost import ghost_batch_norm
 from normbench.norms.group import GroupNorm, RMSNorm, StepNorm
 from normbench.norms.noise import NormNoise
 from normbench.norms.renorm import BatchRenorm1d, BatchRenorm2d

@@ -2,9 +2,9 @@
 
 Ghost batch norm (Hoffer et al. 2017; the normalization batch of Wu & Johnson 2021): with
 ``norm_batch_size`` set to NBS below the SGD batch B, a training forward normalizes each run of
-NBS consecutive samples with that run's own statistics (the arithmetic is in `ghost`: flat
-features through normbench's C kernel where it is built, else a few PyTorch kernels; spatial ones
-as the sub-batches stacked into channels for one batch-norm kernel). The running averages get one
+NBS consecutive samples with that run's own statistics (the arithmetic is in `ghost`: through
+normbench's C kernel where it is built; else a few PyTorch kernels for flat features, and the
+sub-batches stacked into channels for one batch-norm kernel for spatial ones). The running averages get one
 update per sub-batch, in order, as a BN trained at batch NBS would: with momentum m and K = B/NBS
 sub-batches, ``r <- (1 - m)^K r + sum_k m (1 - m)^(K-1-k) stat_k``; the cumulative average
 (momentum null) counts K batches. With NBS equal to B (or null) the plain BatchNorm forward runs,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.norms.ghost import ghost_batch_norm, update_factors
+from normbench.norms.ghost import ghost_norm, update_factors
 from normbench.norms.spec import FLAT, SPATIAL, NormOptions, norm
 
 
@@ -40,7 +40,7 @@ class GhostBatchNorm:
             k = x.shape[0] // group
             self.num_batches_tracked.add_(k)
             running = self.running_mean, self.running_var, update_factors(self.momentum, self.num_batches_tracked, k)
-        return ghost_batch_norm(x, group, self.weight, self.bias, self.eps, running)[0]
+        return ghost_norm(x, group, self.weight, self.bias, self.eps, running)
 
 
 class BatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
@@ -127,7 +127,7 @@ class RecurrentBatchNorm(nn.Module):
             # per row the same sequence of K updates: flatten rows into features
             running = (self.running_mean[rows].view(-1), self.running_var[rows].view(-1),
                        update_factors(self.momentum, self.num_batches_tracked[rows.start], k))
-        return ghost_batch_norm(x, group, weight, bias, self.eps, running)[0]
+        return ghost_norm(x, group, weight, bias, self.eps, running)
 
     def row(self, t: int) -> int:
         """The row of running averages step `t` uses."""

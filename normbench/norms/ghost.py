@@ -1,15 +1,16 @@
 """Ghost batch norm's arithmetic: each run of NBS consecutive samples normalized with its own
 statistics, and the running averages' K updates (see `batch` for the semantics).
 
-Flat features (N, C) go through normbench's C kernel (`normbench/kernels/ghost_bn.c`: one pass
-each way) where it is built, on CPU in float32 and float64; else through a hand-written autograd
-function of a few PyTorch kernels. Spatial features stack the sub-batches as channels for PyTorch's
-batch-norm kernel.
+Flat (N, C) and spatial (N, C, ...) features go through normbench's C kernel
+(`normbench/kernels/ghost_bn.c`: one pass each way) where it is built, on CPU in float32 and
+float64. Without it, flat features take a hand-written autograd function of a few PyTorch kernels,
+and spatial ones stack the sub-batches as channels for PyTorch's batch-norm kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from normbench.kernels import build
-from normbench.kernels.build import TYPES
 
 
 @lru_cache(maxsize=64)
@@ -90,71 +90,96 @@ class _FlatGhostNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
-class _NativeFlatGhostNorm(torch.autograd.Function):
-    """`_FlatGhostNorm` through the C kernels: statistics, normalization, affine and the running
-    averages' updates in one pass over the sub-batches, the backward in another. The statistics go
-    into `stats` (3, K, C: mean, unbiased variance, 1/std), which the caller made; the only output is
-    the normalized x. At the MLP's sizes the Python around the two calls costs more than they do."""
+@lru_cache(maxsize=64)
+def _factor_array(factors: tuple[float, ...]) -> ctypes.Array:
+    """The running averages' K update factors as the C kernel reads them (cached: at a fixed momentum
+    every step passes the same K factors)."""
+    return (ctypes.c_double * len(factors))(*factors)
+
+
+class _NativeGhostNorm(torch.autograd.Function):
+    """Ghost batch norm of flat or spatial features (x contiguous) through the C kernels: statistics,
+    normalization, affine and the running averages' updates in one pass over the sub-batches, the
+    backward in another. The statistics go into `stats` (3, K, C: mean, unbiased variance, 1/std),
+    which the caller made; `running` is the kernel's last three arguments (running mean and variance
+    addresses, factors; or three None). The only output is the normalized x.
+
+    At the MLP's sizes the Python around the two calls costs more than they do, and more inside a
+    training step than alone (the matrix products between them evict what it touches), so it is kept
+    to a few calls: addresses instead of views, one allocation for the affine's gradients, and
+    `once_differentiable`'s guard only where a second derivative could be asked for."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group: int, eps: float, stats: torch.Tensor, running: tuple | None):
-        n, c = x.shape
+    def forward(ctx, x, weight, bias, group: int, eps: float, stats: torch.Tensor, running: tuple):
+        n, c = x.shape[:2]
+        ctx.sp = math.prod(x.shape[2:])  # positions per channel: 1 for flat features
         weight = x.new_ones(c) if weight is None else weight.contiguous()  # (a no-op on parameters)
         bias = x.new_zeros(c) if bias is None else bias.contiguous()
         out = torch.empty_like(x)
-        r_mean, r_var, factors = running if running is not None else (None, None, None)
-        getattr(build.library(), f"ghost_bn_forward_{TYPES[x.dtype]}")(
-            n // group, group, c, eps, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
-            stats[0].data_ptr(), stats[1].data_ptr(), stats[2].data_ptr(),
-            r_mean.data_ptr() if running else None, r_var.data_ptr() if running else None, factors)
-        ctx.save_for_backward(x, weight, stats)
+        row = stats.stride(0) * stats.element_size()
+        ctx.mean = stats.data_ptr()
+        ctx.rstd = ctx.mean + 2 * row
+        build.kernel("ghost_bn_forward", x.dtype)(
+            n // group, group, c, ctx.sp, eps, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+            ctx.mean, ctx.mean + row, ctx.rstd, *running)
+        ctx.save_for_backward(x, weight, stats)  # stats: keeps the two addresses valid
         ctx.group = group
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, weight, stats = ctx.saved_tensors
-        n, c = x.shape
+        if torch.is_grad_enabled():  # create_graph=True: refuse a second derivative, not this one
+            return _once_backward(ctx, dout)
+        x, weight, _ = ctx.saved_tensors
+        n, c = x.shape[:2]
         dout = dout.contiguous()
-        dx, grads = torch.empty_like(x), x.new_zeros(4, c)  # dw, db, and 2 x c of scratch
-        getattr(build.library(), f"ghost_bn_backward_{TYPES[x.dtype]}")(
-            n // ctx.group, ctx.group, c, x.data_ptr(), stats[0].data_ptr(), stats[2].data_ptr(), weight.data_ptr(),
-            dout.data_ptr(), dx.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), grads[2].data_ptr())
-        wants = ctx.needs_input_grad
-        return dx, grads[0] if wants[1] else None, grads[1] if wants[2] else None, None, None, None, None
+        dx, grads = torch.empty_like(x), x.new_empty(4, c)  # dw, db, and 2 x c of scratch
+        dw = grads.data_ptr()
+        row = c * grads.element_size()
+        build.kernel("ghost_bn_backward", x.dtype)(
+            n // ctx.group, ctx.group, c, ctx.sp, x.data_ptr(), ctx.mean, ctx.rstd, weight.data_ptr(), dout.data_ptr(),
+            dx.data_ptr(), dw, dw + row, dw + 2 * row)
+        _, wants_dw, wants_db, *_ = ctx.needs_input_grad
+        if wants_dw or wants_db:
+            dw, db, _, _ = grads.unbind()
+            return dx, dw if wants_dw else None, db if wants_db else None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
-def _native(x: torch.Tensor, group: int, affine: tuple, running: tuple | None) -> bool:
-    """Whether the C kernel takes this ghost batch norm: CPU, float32/64 flat features in whole
-    sub-batches (else the PyTorch path raises), the affine and running averages (if any) of x's dtype
-    and the latter contiguous, the kernels built, and no torch.compile tracing."""
-    if x.dim() != 2 or group < 1 or x.shape[0] % group or torch.compiler.is_compiling():
+_once_backward = torch.autograd.function.once_differentiable(_NativeGhostNorm.backward)
+
+
+def _native(x: torch.Tensor, group: int, weight, bias, running: tuple | None) -> bool:
+    """Whether the C kernel takes this ghost batch norm: CPU, float32/64, non-empty, whole sub-batches
+    (else the PyTorch path raises), the affine and running averages (if any) of x's dtype and the
+    latter contiguous, the kernels built, and no torch.compile tracing."""
+    if x.dim() < 2 or group < 1 or x.shape[0] % group or not x.numel() or torch.compiler.is_compiling():
         return False
-    if running is not None and not all(b.is_contiguous() for b in running[:2]):
-        return False
-    return build.takes(x, *affine, *(running[:2] if running is not None else ()))
+    if running is None:
+        return build.takes(x, weight, bias)
+    return running[0].is_contiguous() and running[1].is_contiguous() and build.takes(x, weight, bias, *running[:2])
 
 
-def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     eps: float, running: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch norm of each run of `group` consecutive samples of `x` (N, C, ...) with its own statistics.
+def _native_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 eps: float, running: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ghost batch norm through the C kernels: the output and the statistics (3, K, C)."""
+    x = x.contiguous()
+    k = x.shape[0] // group
+    stats = x.new_empty(3, k, x.shape[1])
+    if running is None:
+        args = (None, None, None)
+    else:
+        factors = running[2]
+        args = (running[0].data_ptr(), running[1].data_ptr(),
+                _factor_array((factors,) * k if isinstance(factors, float) else tuple(factors)))
+    return _NativeGhostNorm.apply(x, weight, bias, group, eps, stats, args), stats
 
-    Returns the output and each sub-batch's mean and unbiased variance, both (N/group, C). With
-    `running` = (running_mean, running_var, factors), each (C,) buffer is then updated once per
-    sub-batch in order, r = (1 - f) r + f stat, with `factors` from `update_factors`.
-    """
+
+def _torch_ghost(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 eps: float, running: tuple | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ghost batch norm in PyTorch kernels: output, each sub-batch's mean and unbiased variance."""
     n, c = x.shape[:2]
     k = n // group
-    if _native(x, group, (weight, bias), running):
-        x = x.contiguous()
-        stats = x.new_empty(3, k, c)
-        if running is not None:
-            factors = running[2]
-            factors = [factors] * k if isinstance(factors, float) else factors
-            running = (*running[:2], (ctypes.c_double * k)(*factors))
-        out = _NativeFlatGhostNorm.apply(x, weight, bias, group, eps, stats, running)
-        return out, stats[0], stats[1]
     if x.dim() == 2:
         out, mean, var = _FlatGhostNorm.apply(x, weight, bias, group, eps)
     else:
@@ -170,6 +195,28 @@ def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, b
             sequential_update(running[0], mean, running[2])
             sequential_update(running[1], var, running[2])
     return out, mean, var
+
+
+def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     eps: float, running: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm of each run of `group` consecutive samples of `x` (N, C, ...) with its own statistics.
+
+    Returns the output and each sub-batch's mean and unbiased variance, both (N/group, C). With
+    `running` = (running_mean, running_var, factors), each (C,) buffer is then updated once per
+    sub-batch in order, r = (1 - f) r + f stat, with `factors` from `update_factors`.
+    """
+    if _native(x, group, weight, bias, running):
+        out, stats = _native_norm(x, group, weight, bias, eps, running)
+        return out, stats[0], stats[1]
+    return _torch_ghost(x, group, weight, bias, eps, running)
+
+
+def ghost_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float, running: tuple | None = None) -> torch.Tensor:
+    """`ghost_batch_norm`'s output alone, what the layers use: on the C path it skips the statistics' views."""
+    if _native(x, group, weight, bias, running):
+        return _native_norm(x, group, weight, bias, eps, running)[0]
+    return _torch_ghost(x, group, weight, bias, eps, running)[0]
 
 
 def update_factors(momentum: float | None, tracked: torch.Tensor, k: int) -> list[float] | float:
