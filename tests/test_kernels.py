@@ -9,8 +9,10 @@ compiler that fails, or with NORMBENCH_NATIVE=0 trains on PyTorch's kernels with
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -33,8 +35,10 @@ def fresh_library(monkeypatch, tmp_path):
     build takes seconds."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))
     build.library.cache_clear()
+    build.kernel.cache_clear()
     yield
     build.library.cache_clear()
+    build.kernel.cache_clear()
 
 
 def lstm(norm: str, dtype=torch.float32):
@@ -61,6 +65,20 @@ def test_kernels_are_built_where_a_compiler_is_and_kept(monkeypatch, fresh_libra
     assert build.library() is not None
     assert built[0].stat().st_mtime_ns == stamp
     assert not [p for p in build.cache_dir().iterdir() if p.name.startswith(".build-")]  # no leftovers
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")
+def test_a_build_removes_what_killed_builds_left_but_not_a_live_one(fresh_library):
+    cache = build.cache_dir()
+    killed, live = cache / ".build-killed", cache / ".build-live"
+    for folder in (killed, live):
+        folder.mkdir(parents=True)
+        (folder / "lstm_step-float.o").write_bytes(b"half an object file")
+    old = time.time() - build.STALE_BUILD_S - 60
+    os.utime(killed, (old, old))
+    assert build.library() is not None, build.status()
+    assert not killed.exists()
+    assert (live / "lstm_step-float.o").exists()
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on this machine")

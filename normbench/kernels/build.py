@@ -5,8 +5,9 @@ They are compiled with the machine's C compiler (`$CC`, else `cc`) the first tim
 them (1–3 s), into `$XDG_CACHE_HOME/normbench/kernels` (else `~/.cache/normbench/kernels`),
 as one library named by a hash of the sources, the compiler, its flags and the CPU (built for the
 machine's CPU, -march=native, so that a cluster's nodes of different kinds each build their own), and
-loaded through ctypes. Two processes building at once each rename a complete library into place, and
-a cached file that does not load is built again. Without a compiler, where the build fails, or with
+loaded through ctypes. Two processes building at once each rename a complete library into place, a
+cached file that does not load is built again, and what a killed build left is removed by the next
+one after an hour. Without a compiler, where the build fails, or with
 NORMBENCH_NATIVE=0, `library()` is None and the callers take their PyTorch formulations: the same
 results to rounding, slower. `status()` says which and why.
 """
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ _SIGNATURES = {  # argument types of each exported function, suffixed _float and
     "ghost_bn_backward": [_L, _L, _L, _L, *[_P] * 9],
 }
 _why_not = "not tried yet"
+STALE_BUILD_S = 3600  # each compiler call may take up to 300 s; a killed build's folder is removed after this
 
 
 def cache_dir() -> Path:
@@ -61,10 +64,23 @@ def _cpu() -> str:
         return platform.processor()
 
 
+def _clear_stale_builds(folder: Path) -> None:
+    """Remove the temporary folders of builds that were killed (SIGKILL, a node going down) before
+    they could clean up: any older than STALE_BUILD_S. A live build's folder is seconds old."""
+    cutoff = time.time() - STALE_BUILD_S
+    for tmp in folder.glob(".build-*"):
+        try:
+            if tmp.is_dir() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
 def _build(compiler: list[str], flags: list[str], target: Path) -> None:
     """Compile each source once per precision and link them all into `target`, written atomically:
     two processes building at once each rename a complete library into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_builds(target.parent)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         objects = []
         for source in SOURCES:
