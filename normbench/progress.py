@@ -83,6 +83,10 @@ class EpochProgress(Progress):
         else:
             self.out.print(f"{self.label}resuming from its checkpoint at epoch {epochs_done + 1}/{epochs}")
 
+    def unusable_checkpoint(self, epochs: int) -> None:
+        self.out.print(f"{self.label}warning: its checkpoint is damaged or not this run's; training again from "
+                       f"epoch 1/{epochs}")
+
     def epoch_end(self, r: EpochRecord) -> None:
         line = (f"{self.label}epoch {r.epoch}/{self.epochs}  train_loss {r.train_loss:.4f}  "
                 f"train_acc {r.train_acc:.2f}%  test_acc {r.test_acc:.2f}%")

@@ -230,13 +230,18 @@ def _usable_checkpoint(state: dict, cfg: Config, model: nn.Module) -> bool:
     return True
 
 
-def _resume_state(folder: Path, cfg: Config, model: nn.Module) -> dict | None:
-    """The checkpoint of an unfinished run of this same config, if there is a usable one."""
+def _resume_state(folder: Path, cfg: Config, model: nn.Module) -> tuple[dict | None, bool]:
+    """The checkpoint of an unfinished run of this same config, if there is a usable one; and whether
+    there was one that cannot be used (damaged, or not this run's), which the user is told about."""
     summary = results.read_summary(folder)
     if summary is None or summary.get("config_hash") != config_hash(cfg) or summary.get("status") != "running":
-        return None
+        return None, False
+    if not (folder / results.CHECKPOINT).exists():
+        return None, False
     state = results.load_checkpoint(folder)
-    return state if state is not None and _usable_checkpoint(state, cfg, model) else None
+    if state is not None and _usable_checkpoint(state, cfg, model):
+        return state, False
+    return None, True
 
 
 def finished_summary(folder: Path, cfg: Config) -> dict | None:
@@ -320,7 +325,7 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
     if cfg.tensorboard:  # TensorBoard writes into its folder itself: it must not lead out of results_dir
         results.inside(results.results_root(cfg), folder / tracking.FOLDER)
     params = count_parameters(model)
-    resume = _resume_state(folder, cfg, model)
+    resume, unusable = _resume_state(folder, cfg, model)
     results.remove_stale_temp_files(folder)  # a killed run may have left one mid-write
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume is None:
@@ -332,6 +337,8 @@ def _train(cfg: Config, folder: Path, data: Data, model: nn.Module, device: torc
     progress.run_start(run_id(cfg), cfg.epochs, cfg.batch_size)
     if resume is not None:
         progress.resumed(resume["epoch"], cfg.epochs)
+    elif unusable:
+        progress.unusable_checkpoint(cfg.epochs)
     t0 = time.perf_counter() - (resume["seconds"] if resume else 0.0)  # wall time counts the earlier processes' epochs
     fitted = None
 

@@ -66,12 +66,20 @@ def test_keep_checkpoint_keeps_it(tmp_path):
     assert state["epoch"] == cfg.epochs and state["config_hash"] == results.read_summary(results.run_dir(cfg))["config_hash"]
 
 
-def test_a_damaged_checkpoint_means_a_fresh_start(tmp_path):
-    cfg = compose([*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2"])
+def test_a_damaged_checkpoint_means_a_fresh_start_and_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    overrides = [*tiny_run_overrides(tmp_path, "mlp", "bn"), "epochs=2"]
+    cfg = compose(overrides)
     with pytest.raises(KeyboardInterrupt):
         runner.execute(cfg, StopAfter(1))
     (results.run_dir(cfg) / results.CHECKPOINT).write_bytes(b"not a checkpoint")
-    assert runner.execute(cfg).summary["status"] == "completed"
+    result = CliRunner().invoke(app, ["run", *overrides])
+    assert result.exit_code == 0, result.output
+    assert "warning: its checkpoint is damaged or not this run's; training again from epoch 1/2" in result.output
+    assert results.read_summary(results.run_dir(cfg))["status"] == "completed"
     assert len(results.read_metrics(results.run_dir(cfg))) == 2
 
 
