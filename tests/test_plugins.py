@@ -155,6 +155,15 @@ def test_a_bad_plugin_is_one_line_naming_it_and_exit_2(tmp_path, text, needles):
     assert "x" not in SCHEMAS["norm"]  # a plugin that fails half-way leaves nothing registered
 
 
+def test_a_plugin_that_registers_nothing_gets_a_note_not_an_error(tmp_path):
+    """A forgotten decorator or call: the command works, and says why the plugin's names are missing."""
+    path = write(tmp_path, "import normbench\n\ndef build(c, kind, options):\n    return None\n", "forgot.py")
+    result = cli("list", "--plugin", path)
+    assert result.exit_code == 0, result.output
+    assert "note: plugin forgot registered no norm, model or dataset" in result.output
+    assert cli("list", "--plugin", write(tmp_path, PLUGIN)).output.count("registered no norm") == 0
+
+
 def test_a_module_plugin_that_is_not_installed_is_one_line():
     one_error_line(cli("config", "--plugin", "no_such_pkg.plugin"), "no module named 'no_such_pkg.plugin'")
 

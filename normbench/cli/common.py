@@ -33,11 +33,17 @@ Plugins = Annotated[Optional[list[str]], typer.Option(
 
 
 def load_plugins(plugins: list[str] | None) -> None:
-    """Load the installed plugins and those named by --plugin (the command's first step); an error is one line."""
+    """Load the installed plugins and those named by --plugin (the command's first step); an error is one
+    line, and a plugin that registers nothing gets a note (on stderr: `config` prints YAML on stdout)."""
+    from normbench.display import note, stderr
     from normbench.plugins import load
+    from normbench.plugins.loading import registered_nothing
 
     with user_errors():
         load(plugins or [])
+    for name in registered_nothing():
+        note(f"plugin {name} registered no norm, model or dataset (normbench.register_norm, register_model "
+             "or register_dataset, called when it is imported)", stderr)
 
 
 def command_line(command: str, args: list[str], plugins: list[str] | None, config_dir: Path | None,

@@ -84,6 +84,7 @@ def reset() -> None:
         if provenance.spec and provenance.spec.endswith(".py"):
             sys.modules.pop(loading.file_module(provenance.plugin), None)
     loading._loaded.clear()
+    loading._empty.clear()
     loading._entry_points_done = False
     os.environ.pop(ENV, None)
 

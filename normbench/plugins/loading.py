@@ -40,6 +40,7 @@ class Provenance:
 
 
 _current: list[Provenance] = []  # the plugin being loaded now (registrations made meanwhile belong to it)
+_empty: list[str] = []  # plugins that loaded without registering anything (a forgotten decorator, say)
 _loaded: dict[str, Provenance] = {}  # spec key -> provenance, each plugin once per process
 _entry_points_done = False
 
@@ -144,6 +145,16 @@ def _loading(provenance: Provenance) -> Iterator[None]:
         raise
     finally:
         _current.pop()
+    if set(entries.ENTRIES) == before:
+        _empty.append(provenance.plugin)
+
+
+def registered_nothing() -> list[str]:
+    """The plugins loaded so far that registered no norm, model or dataset, each named once: what the
+    command line notes, and takes from this list."""
+    names = list(dict.fromkeys(_empty))
+    _empty.clear()
+    return names
 
 
 def _line_in(e: BaseException, path: str | None) -> str:
