@@ -174,12 +174,31 @@ def _plain_metrics(text: str):
 @functools.cache
 def versions() -> dict[str, str]:
     import torch
-    import torchvision
 
     from normbench import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "normbench": __version__}
+            "torchvision": _torchvision_version(), "normbench": __version__}
+
+
+def _torchvision_version() -> str:
+    """torchvision.__version__ (with its local tag, +cu130), read from its version.py: importing torchvision
+    imports its models and torch._dynamo, 1.7 s here, which a run on data that needs no torchvision
+    (synthetic, a plugin's) would pay for this string alone. Imported only where the file says nothing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        found = re.search(r"""^__version__\s*=\s*['"]([^'"\n]+)['"]""", text, re.MULTILINE)
+        if found:
+            return found.group(1)
+    import torchvision
+
+    return torchvision.__version__
 
 
 @functools.cache
