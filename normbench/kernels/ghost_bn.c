@@ -6,7 +6,8 @@
    and -DREAL=double. PyTorch's way takes about twenty small kernels (flat) or layout copies each
    way (spatial) for this; at the MLP's sizes (64 x 256, sub-batches of 8) their fixed costs are
    most of a training step. Reciprocals are multiplied rather than divided by: the divisions, not
-   the passes over x, were half the forward's time. */
+   the passes over x, were half the forward's time (flat statistics: common.h's col_stats, which the
+   LSTM's batch norm shares). */
 
 #include "common.h"
 
@@ -21,20 +22,12 @@ static void FN(update_running)(long c, IN mu, IN v, OUT running_mean, OUT runnin
 /* Flat features: every loop runs along the channels, which vectorizes. */
 static void FN(flat_forward)(long k, long group, long c, real eps, IN x, IN w, IN b, OUT y, OUT mean, OUT var,
                              OUT rstd, OUT running_mean, OUT running_var, const double *restrict factors) {
-    const real inv_n = (real)1 / (real)group, inv_n1 = group > 1 ? (real)1 / (real)(group - 1) : (real)1;
+    const real unbias = group > 1 ? (real)group / (real)(group - 1) : (real)1;
     for (long s = 0; s < k; s++) {
         IN xs = x + s * group * c;
         real *ys = y + s * group * c, *mu = mean + s * c, *v = var + s * c, *r = rstd + s * c;
-        for (long j = 0; j < c; j++) mu[j] = 0, v[j] = 0;
-        for (long i = 0; i < group; i++)
-            for (long j = 0; j < c; j++) mu[j] += xs[i * c + j];
-        for (long j = 0; j < c; j++) mu[j] *= inv_n;
-        for (long i = 0; i < group; i++)
-            for (long j = 0; j < c; j++) v[j] += (xs[i * c + j] - mu[j]) * (xs[i * c + j] - mu[j]);
-        for (long j = 0; j < c; j++) {
-            r[j] = (real)1 / SQRT(v[j] * inv_n + eps);
-            v[j] *= inv_n1;
-        }
+        FN(col_stats)(xs, group, c, eps, mu, v, r);
+        for (long j = 0; j < c; j++) v[j] *= unbias;
         if (running_mean) FN(update_running)(c, mu, v, running_mean, running_var, (real)factors[s]);
         for (long i = 0; i < group; i++)
             for (long j = 0; j < c; j++) ys[i * c + j] = (xs[i * c + j] - mu[j]) * r[j] * w[j] + b[j];

@@ -59,23 +59,10 @@ static inline double tanh_double(double x) { return tanh(x); }
 /* (sum, sum_sq and sum_prod, the vectorizable sums, are in common.h.) */
 
 /* Mean and 1/sqrt(var + eps) of x (n x c) per (row, group), or per column; var is the biased one
-   (kept per column for batch norm's running averages; may be NULL otherwise). */
+   (per column, for batch norm's running averages: required there, unused otherwise). */
 static void FN(stats)(IN x, long n, long c, long groups, int cols, real eps, OUT mean, OUT rstd, OUT var) {
     if (cols) {
-        for (long j = 0; j < c; j++) mean[j] = 0, rstd[j] = 0;
-        for (long i = 0; i < n; i++)
-            for (long j = 0; j < c; j++) mean[j] += x[i * c + j];
-        for (long j = 0; j < c; j++) mean[j] /= (real)n;
-        for (long i = 0; i < n; i++)
-            for (long j = 0; j < c; j++) {
-                real d = x[i * c + j] - mean[j];
-                rstd[j] += d * d;
-            }
-        for (long j = 0; j < c; j++) {
-            real v = rstd[j] / (real)n;
-            if (var) var[j] = v;
-            rstd[j] = (real)1 / SQRT(v + eps);
-        }
+        FN(col_stats)(x, n, c, eps, mean, var, rstd);
         return;
     }
     long m = c / groups;
@@ -114,10 +101,12 @@ static void FN(norm_backward)(OUT g, IN x, long n, long c, long groups, int cols
                 sg[j] += g[i * c + j];
                 sgx[j] += g[i * c + j] * (x[i * c + j] - mean[j]) * rstd[j];
             }
+        const real inv_n = (real)1 / (real)n;
+        for (long j = 0; j < c; j++) sg[j] *= inv_n, sgx[j] *= inv_n;
         for (long i = 0; i < n; i++)
             for (long j = 0; j < c; j++) {
                 real xhat = (x[i * c + j] - mean[j]) * rstd[j];
-                g[i * c + j] = rstd[j] * (g[i * c + j] - sg[j] / (real)n - xhat * sgx[j] / (real)n);
+                g[i * c + j] = rstd[j] * (g[i * c + j] - sg[j] - xhat * sgx[j]);
             }
         return;
     }

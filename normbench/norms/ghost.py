@@ -205,18 +205,23 @@ def ghost_batch_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, b
     `running` = (running_mean, running_var, factors), each (C,) buffer is then updated once per
     sub-batch in order, r = (1 - f) r + f stat, with `factors` from `update_factors`.
     """
-    if _native(x, group, weight, bias, running):
-        out, stats = _native_norm(x, group, weight, bias, eps, running)
-        return out, stats[0], stats[1]
-    return _torch_ghost(x, group, weight, bias, eps, running)
+    out, stats = _ghost(x, group, weight, bias, eps, running)
+    return out, stats[0], stats[1]
 
 
 def ghost_norm(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float, running: tuple | None = None) -> torch.Tensor:
     """`ghost_batch_norm`'s output alone, what the layers use: on the C path it skips the statistics' views."""
+    return _ghost(x, group, weight, bias, eps, running)[0]
+
+
+def _ghost(x: torch.Tensor, group: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+           running: tuple | None) -> tuple[torch.Tensor, torch.Tensor | tuple]:
+    """The output and the statistics, mean and variance first: C's (3, K, C) tensor, or PyTorch's pair."""
     if _native(x, group, weight, bias, running):
-        return _native_norm(x, group, weight, bias, eps, running)[0]
-    return _torch_ghost(x, group, weight, bias, eps, running)[0]
+        return _native_norm(x, group, weight, bias, eps, running)
+    out, mean, var = _torch_ghost(x, group, weight, bias, eps, running)
+    return out, (mean, var)
 
 
 def update_factors(momentum: float | None, tracked: torch.Tensor, k: int) -> list[float] | float:

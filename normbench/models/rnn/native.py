@@ -18,7 +18,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from normbench.kernels import build
-from normbench.kernels.build import TYPES
 from normbench.models.rnn.step_norms import BatchStats, GroupStats, LayerStats
 
 
@@ -79,7 +78,7 @@ class NativeLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, w_h, w_nh, b_nh, w_nc, b_nc, norm_h, norm_c):
         steps, n, hid = xs.shape[0], xs.shape[1], w_h.shape[1]
-        kernel = getattr(build.library(), f"lstm_forward_{TYPES[xs.dtype]}")
+        kernel = build.kernel("lstm_forward", xs.dtype)
         xs = xs.contiguous()
         w_nh, b_nh, w_nc, b_nc = (p.detach().contiguous() for p in (w_nh, b_nh, w_nc, b_nc))
         a = xs.new_empty(steps, n, 4 * hid)  # W_h h_{t-1}
@@ -113,7 +112,7 @@ class NativeLSTMRecurrence(torch.autograd.Function):
         w_h, w_nh, w_nc, a, s, c, hs, tc, mean_h, rstd_h, mean_c, rstd_c = ctx.saved_tensors
         (gh, colsh, _), (gc, colsc, _) = ctx.specs
         steps, n, hid = tc.shape
-        kernel = getattr(build.library(), f"lstm_backward_{TYPES[a.dtype]}")
+        kernel = build.kernel("lstm_backward", a.dtype)
         dy = torch.empty_like(s)  # the gates' pre-activations: xs's gradient
         da = torch.empty_like(a)  # norm_h's input's
         dc, scratch = dh.new_empty(n, hid), dh.new_empty(n, hid)
@@ -143,7 +142,7 @@ def _update_running(norm: BatchStats, mean: torch.Tensor, var: torch.Tensor, n: 
     factors = (ctypes.c_double * len(norm.factors))(*norm.factors)
     with torch.no_grad():
         rm, rv = bn.running_mean, bn.running_var  # usable() checked their dtype and layout
-        getattr(build.library(), f"running_update_{TYPES[mean.dtype]}")(
+        build.kernel("running_update", mean.dtype)(
             mean.shape[0], mean.shape[1], n, rows, factors, mean.data_ptr(), var.data_ptr(), rm.data_ptr(),
             rv.data_ptr())
 
@@ -154,7 +153,7 @@ class NativeGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
-        kernel = getattr(build.library(), f"group_norm_forward_{TYPES[x.dtype]}")
+        kernel = build.kernel("group_norm_forward", x.dtype)
         c = x.shape[-1]
         x = x.contiguous()
         rows = x.numel() // c
@@ -170,7 +169,7 @@ class NativeGroupNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        kernel = getattr(build.library(), f"group_norm_backward_{TYPES[x.dtype]}")
+        kernel = build.kernel("group_norm_backward", x.dtype)
         c = x.shape[-1]
         dy = dy.contiguous()
         dx, dw, db, buf = torch.empty_like(x), x.new_zeros(c), x.new_zeros(c), x.new_empty(2 * c)
